@@ -1,0 +1,70 @@
+"""The `data:` section of a run config. Lives here so data_pipelines needs nothing from sslscale."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from data_pipelines.augment import AugmentSpec, CropGroup, blur_kernel_size, validate_crops
+
+SOURCES = ("fashion_mnist", "digits", "folder", "filelist")
+BACKENDS = ("torchvision",)
+DEVICES = ("cpu",)
+
+
+@dataclass
+class DataConfig:
+    source: str = "fashion_mnist"
+    # fashion_mnist: folder of the idx .gz files (Debian's dataset-fashion-mnist by default);
+    # folder: root holding train/ and val/ class folders; filelist: folder holding train.txt and val.txt.
+    path: str | None = None
+    backend: str = "torchvision"
+    device: str = "cpu"
+    batch_size: int = 256  # GLOBAL batch, split evenly over ranks
+    num_workers: int = 2
+    crops: list[CropGroup] = field(default_factory=lambda: [CropGroup()])
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    # Frozen-feature evaluation: resize the short side to eval_resize, centre-crop eval_crop.
+    eval_resize: int = 256
+    eval_crop: int = 224
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.source not in SOURCES:
+            errors.append(f"source: {self.source!r}; valid: {', '.join(SOURCES)}")
+        if self.source in ("folder", "filelist") and not self.path:
+            errors.append(f"path: required for source {self.source!r}")
+        if self.backend not in BACKENDS:
+            errors.append(f"backend: {self.backend!r}; valid here: {', '.join(BACKENDS)}")
+        if self.device not in DEVICES:
+            errors.append(f"device: {self.device!r}; the {self.backend} backend augments on: "
+                          f"{', '.join(DEVICES)}")
+        if self.batch_size < 1:
+            errors.append(f"batch_size: {self.batch_size}; must be >= 1")
+        if self.num_workers < 0:
+            errors.append(f"num_workers: {self.num_workers}; must be >= 0")
+        if not 1 <= self.eval_crop <= self.eval_resize:
+            errors.append(f"eval_crop: {self.eval_crop}; need 1 <= eval_crop <= eval_resize ({self.eval_resize})")
+        errors += validate_crops(self.crops)
+        errors += [f"augment.{e}" for e in self.augment.validate()]
+        if self.augment.blur_p > 0 and self.crops and not errors:
+            kernel = blur_kernel_size(self.augment.blur_sigma[1])
+            smallest = min(g.size for g in self.crops)
+            if kernel // 2 >= smallest:
+                errors.append(f"augment.blur_sigma: a blur window of {kernel} px (+-3 sigma) does not fit the "
+                              f"{smallest}-px crops; lower blur_sigma or set blur_p: 0")
+        return errors
+
+    def check_paths(self) -> list[str]:
+        """File-system checks, run before a job starts (not at config load, so configs validate anywhere)."""
+        if self.source == "folder":
+            needed = [os.path.join(self.path, "train"), os.path.join(self.path, "val")]
+        elif self.source == "filelist":
+            needed = [os.path.join(self.path, "train.txt"), os.path.join(self.path, "val.txt")]
+        elif self.source == "fashion_mnist":
+            from data_pipelines.sources import fashion_mnist_files
+            needed = list(fashion_mnist_files(self.path).values())
+        else:
+            needed = []
+        return [f"path: {p} does not exist" + (" (install Debian's dataset-fashion-mnist, or set data.path)"
+                                               if self.source == "fashion_mnist" else "")
+                for p in needed if not os.path.exists(p)]

@@ -1,0 +1,246 @@
+"""Image sources (what images exist, their labels) and the deterministic sample stream.
+
+A source maps an index to a decoded uint8 image [3, H, W] and a label. The stream decides which
+index each training step reads: it is the concatenation of one permutation per epoch, seeded by
+(seed, epoch) only, and step k of a run with global batch N reads stream positions
+[k*N, (k+1)*N). So the order does not depend on the number of ranks or workers, no sample is
+dropped at an epoch end, and the whole sampler state is the number of samples consumed.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+SPLITS = ("train", "val")
+
+
+class UnreadableImage(Exception):
+    """An image that exists in the index but cannot be decoded (truncated, not an image, ...)."""
+
+
+class ImageSource:
+    """Indexable images with labels. Subclasses set `labels`, `classes` and implement `load`."""
+
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def load(self, index: int) -> torch.Tensor:
+        """The image as uint8 [3, H, W] (grayscale is repeated to three channels)."""
+        raise NotImplementedError
+
+
+class ArraySource(ImageSource):
+    """Images held in memory as one uint8 array [n, H, W] (grayscale) or [n, H, W, 3]."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str]):
+        self.images = torch.from_numpy(np.array(images, copy=True))  # writable, owned by the tensor
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.classes = classes
+
+    def load(self, index: int) -> torch.Tensor:
+        image = self.images[index]
+        if image.ndim == 2:
+            return image.unsqueeze(0).expand(3, -1, -1)
+        return image.permute(2, 0, 1)
+
+
+class FileSource(ImageSource):
+    """Images as files on disk, decoded on load (JPEG, PNG; CMYK and grayscale become RGB)."""
+
+    def __init__(self, paths: list[str], labels: list[int], classes: list[str]):
+        if not paths:
+            raise FileNotFoundError("no image files found")
+        self.paths = paths
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.classes = classes
+
+    def load(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                rgb = np.asarray(image.convert("RGB"))  # decodes fully: truncated files fail here
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise UnreadableImage(f"{path}: {error}") from error
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+class Subset(ImageSource):
+    """Some images of another source, in the given order."""
+
+    def __init__(self, source: ImageSource, indices: torch.Tensor):
+        self.source, self.indices = source, indices
+        self.labels = source.labels[indices]
+        self.classes = source.classes
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.source.load(int(self.indices[index]))
+
+
+def random_subset(source: ImageSource, size: int | None, seed: int) -> ImageSource:
+    """A seeded random subset of `size` images (the source itself when size is None or too large)."""
+    if size is None or size >= len(source):
+        return source
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+    return Subset(source, order[:size].sort().values)
+
+
+def image_folder(root: str) -> FileSource:
+    """ImageNet layout: root/<class name>/<image file>. Classes are sorted names."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"image folder {root} has no class sub-folders")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(e.name for e in os.scandir(os.path.join(root, name))
+                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        paths += [os.path.join(root, name, f) for f in files]
+        labels += [label] * len(files)
+    if not paths:
+        raise FileNotFoundError(f"image folder {root} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return FileSource(paths, labels, classes)
+
+
+def file_list(list_path: str) -> FileSource:
+    """Lines of `relative/path.jpg <integer label>`, paths relative to the list's folder."""
+    base = os.path.dirname(os.path.abspath(list_path))
+    paths, labels = [], []
+    with open(list_path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise ValueError(f"{list_path}:{number}: expected '<path> <integer label>', got {line.strip()!r}")
+            paths.append(os.path.join(base, parts[0]))
+            labels.append(int(parts[1]))
+    if not paths:
+        raise FileNotFoundError(f"file list {list_path} is empty")
+    num_classes = max(labels) + 1
+    return FileSource(paths, labels, [str(c) for c in range(num_classes)])
+
+
+def fashion_mnist_files(root: str | None) -> dict[str, str]:
+    root = root or FASHION_MNIST_DIR
+    return {f"{split}_{kind}": os.path.join(root, f"{prefix}-{kind}-{idx}-ubyte.gz")
+            for split, prefix in (("train", "train"), ("val", "t10k"))
+            for kind, idx in (("images", "idx3"), ("labels", "idx1"))}
+
+
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
+
+
+def fashion_mnist(split: str, root: str | None = None) -> ArraySource:
+    """Fashion-MNIST (60k train / 10k test, 28x28 grayscale) from its idx files."""
+    files = fashion_mnist_files(root)
+    with gzip.open(files[f"{split}_images"]) as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(files[f"{split}_labels"]) as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    return ArraySource(images, labels, FASHION_MNIST_CLASSES)
+
+
+def digits(split: str) -> ArraySource:
+    """scikit-learn's 1,797 8x8 digits (for tiny tests): a fixed shuffled 1,497 / 300 split."""
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    order = np.random.default_rng(0).permutation(len(data.target))
+    order = order[:1497] if split == "train" else order[1497:]
+    images = np.round(data.images[order] * (255 / 16)).astype(np.uint8)
+    return ArraySource(images, data.target[order], [str(d) for d in range(10)])
+
+
+def build_source(data_cfg, split: str) -> ImageSource:
+    """The `split` ("train" or "val") of the source a DataConfig names."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}; valid: {', '.join(SPLITS)}")
+    if data_cfg.source == "fashion_mnist":
+        return fashion_mnist(split, data_cfg.path)
+    if data_cfg.source == "digits":
+        return digits(split)
+    if data_cfg.source == "folder":
+        return image_folder(os.path.join(data_cfg.path, split))
+    if data_cfg.source == "filelist":
+        return file_list(os.path.join(data_cfg.path, f"{split}.txt"))
+    raise ValueError(f"unknown data source {data_cfg.source!r}")
+
+
+def export_image_folder(source: ImageSource, dest: str, limit: int | None = None) -> int:
+    """Write a source as an image folder of JPEGs (dest/<class>/<index>.jpg). Writes to a temp folder
+    and renames it, so an interrupted export never leaves a half folder that looks complete."""
+    if os.path.exists(dest):
+        raise FileExistsError(f"{dest} exists; remove it or choose another destination")
+    tmp = dest.rstrip("/") + ".partial"
+    count = len(source) if limit is None else min(limit, len(source))
+    for name in source.classes:
+        os.makedirs(os.path.join(tmp, name), exist_ok=True)
+    for i in range(count):
+        label = int(source.labels[i])
+        pixels = source.load(i).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(os.path.join(tmp, source.classes[label], f"{i:07d}.jpg"), quality=95)
+    os.rename(tmp, dest)
+    return count
+
+
+@dataclass
+class SampleStream:
+    """Maps a stream position to a sample index: position p is item p % n of epoch p // n's
+    permutation, drawn from a generator seeded by (seed, epoch)."""
+
+    size: int
+    seed: int
+
+    def __post_init__(self):
+        self._epoch = -1
+        self._order: torch.Tensor | None = None
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = torch.randperm(self.size, generator=generator)
+            self._epoch = epoch
+        return self._order
+
+    def index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        return int(self.epoch_order(epoch)[offset])
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """Yields, for each step from `start_step` on, this rank's stream positions of the global batch."""
+
+    def __init__(self, global_batch: int, rank: int, world_size: int, start_step: int = 0,
+                 num_steps: int | None = None):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} does not split evenly over {world_size} ranks")
+        self.local_batch = global_batch // world_size
+        self.global_batch, self.rank = global_batch, rank
+        self.start_step, self.num_steps = start_step, num_steps
+
+    def __iter__(self):
+        step = self.start_step
+        while self.num_steps is None or step < self.start_step + self.num_steps:
+            first = step * self.global_batch + self.rank * self.local_batch
+            yield list(range(first, first + self.local_batch))
+            step += 1
+
+    def __len__(self):
+        if self.num_steps is None:
+            raise TypeError("an endless sampler has no length")
+        return self.num_steps

@@ -1,0 +1,121 @@
+"""`sslscale pretrain | linear-eval | export | prepare-data`.
+
+Errors a user can fix (bad config, missing data, mismatched checkpoint) print one clear message and
+exit with status 2; a run stopped by SIGTERM / SIGUSR2 exits with EXIT_STOPPED_FOR_REQUEUE after
+saving a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from sslscale.checkpoint import CheckpointMismatch
+
+EXIT_USER_ERROR = 2
+
+
+def _pretrain(args) -> int:
+    from sslscale.config import load_config
+    from sslscale.eval.run import evaluate_run
+    from sslscale.train import pretrain
+    cfg = load_config(args.config, args.overrides)
+    pretrain(cfg)
+    if cfg.eval.after_pretrain:
+        evaluate_run(cfg)
+    return 0
+
+
+def _run_config(run_dir: str, overrides: list[str]):
+    from sslscale.config import ConfigError, load_config
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise ConfigError([f"{run_dir} is not a run folder (no config.yaml)"])
+    return load_config(path, overrides)
+
+
+def _linear_eval(args) -> int:
+    from sslscale.eval.run import evaluate_run
+    evaluate_run(_run_config(args.run_dir, args.overrides))
+    return 0
+
+
+def _export(args) -> int:
+    import torch
+
+    from sslscale.checkpoint import Checkpointer, trunk_state
+    from sslscale.config import ConfigError
+    cfg = _run_config(args.run_dir, [])
+    restored = Checkpointer(cfg.run_dir, cfg.checkpoint.keep).load_latest()
+    if restored is None:
+        raise ConfigError([f"run folder {args.run_dir} has no complete checkpoint to export"])
+    state, name = restored
+    trunk = trunk_state(state["model"])
+    tmp = f"{args.output}.tmp"
+    torch.save(trunk, tmp)
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}: trunk of {name} ({len(trunk)} tensors, torchvision key names, no heads)")
+    return 0
+
+
+def _prepare_data(args) -> int:
+    from data_pipelines.config import DataConfig
+    from data_pipelines.sources import build_source, export_image_folder
+    data_cfg = DataConfig(source=args.source, path=args.source_path)
+    for split in ("train", "val"):
+        count = export_image_folder(build_source(data_cfg, split), os.path.join(args.dest, split), args.limit)
+        print(f"wrote {count} {split} images to {os.path.join(args.dest, split)}")
+    print(f"use it with: data.source=folder data.path={args.dest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslscale", description="Self-supervised pretraining: DISSL, CISSL, "
+                                     "SimCLR, DINO; linear probing of frozen trunks.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("pretrain", help="train a run (or resume it: same command, same run folder)")
+    p.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=100 run.name=try1")
+    p.set_defaults(func=_pretrain)
+
+    p = commands.add_parser("linear-eval", help="linear probe (and kNN) of a run's newest checkpoint")
+    p.add_argument("run_dir", help="run folder, e.g. checkpoints/quickstart")
+    p.add_argument("overrides", nargs="*", help="key=value for the eval section, e.g. eval.linear.epochs=50")
+    p.set_defaults(func=_linear_eval)
+
+    p = commands.add_parser("export", help="write the trunk of a run's newest checkpoint as one file")
+    p.add_argument("run_dir")
+    p.add_argument("output", help="e.g. resnet50_dissl.pt")
+    p.set_defaults(func=_export)
+
+    p = commands.add_parser("prepare-data", help="write an embedded data set as an image folder of JPEGs")
+    p.add_argument("source", choices=["fashion_mnist", "digits"])
+    p.add_argument("dest", help="folder to create, with train/ and val/ inside")
+    p.add_argument("--source-path", default=None, help="where the source's files are (fashion_mnist)")
+    p.add_argument("--limit", type=int, default=None, help="write at most this many images per split")
+    p.set_defaults(func=_prepare_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sslscale.config import ConfigError
+    from sslscale.train import EXIT_STOPPED_FOR_REQUEUE, StoppedForRequeue, TooManyNonFiniteLosses
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointMismatch, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except StoppedForRequeue as stop:
+        print(str(stop), file=sys.stderr)
+        return EXIT_STOPPED_FOR_REQUEUE
+    except TooManyNonFiniteLosses as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""The run configuration: a tree of dataclasses loaded from YAML, with `a.b=value` overrides.
+
+Everything is checked before a run starts: unknown keys, wrong types and impossible values are
+collected into one ConfigError whose lines name the key, the bad value and what is valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+
+import yaml
+
+from data_pipelines.augment import AugmentSpec, ColorJitter, CropGroup  # noqa: F401  (types in the tree)
+from data_pipelines.config import DataConfig
+
+BACKBONES = ("resnet18", "resnet50")
+OBJECTIVES = ("dissl", "cissl", "simclr", "dino")
+OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    root: str = "checkpoints"  # run folder = <root>/<name>
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    width: int = 64  # channels of the first stage; 64 is torchvision's ResNet
+    dim: int | None = None  # representation dimension; None keeps the trunk's own width
+    small_image_stem: bool = False  # 3x3 stride-1 conv1 for images of <= 64 px
+
+    SHAPE_FIELDS = ("backbone", "width", "dim", "small_image_stem")
+
+
+@dataclass
+class DisslConfig:
+    n_classes: int = 16384  # C, the number of equivalence classes
+    lam: float = 2.3  # weight of the marginal entropy H_M
+    beta: float = 0.6  # weight of the teacher invariance term CE_inv
+    tau_t: float = 0.5
+    tau_s: float = 1.0
+    beta_warmup_steps: int = 0  # 0: no warm-up (METHOD uses 1000 for the 800-epoch recipe)
+    teacher_hidden: int = 2048
+    student_bottleneck: int = 512
+
+    SHAPE_FIELDS = ("n_classes", "teacher_hidden", "student_bottleneck")
+
+
+@dataclass
+class CisslConfig:
+    tau: float = 0.1
+    dim: int = 128
+    teacher_hidden: int = 2048
+    teacher_layers: int = 3  # 3 for ImageNet, 2 for small data
+
+    SHAPE_FIELDS = ("dim", "teacher_hidden", "teacher_layers")
+
+
+@dataclass
+class SimclrConfig:
+    tau: float = 0.1
+    dim: int = 128
+    hidden: int = 2048
+    layers: int = 3
+
+    SHAPE_FIELDS = ("dim", "hidden", "layers")
+
+
+@dataclass
+class DinoConfig:
+    n_prototypes: int = 1000
+    hidden: int = 1024
+    bottleneck: int = 256
+    tau_s: float = 0.1
+    tau_t_start: float = 0.04
+    tau_t_end: float = 0.07
+    tau_t_warmup_epochs: float = 50
+    momentum_start: float = 0.996  # teacher EMA momentum, cosine to 1 per step
+    center_momentum: float = 0.9
+    freeze_last_layer_epochs: float = 1
+
+    SHAPE_FIELDS = ("n_prototypes", "hidden", "bottleneck")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dissl"
+    dissl: DisslConfig = field(default_factory=DisslConfig)
+    cissl: CisslConfig = field(default_factory=CisslConfig)
+    simclr: SimclrConfig = field(default_factory=SimclrConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+
+    @property
+    def selected(self):
+        return getattr(self, self.name)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"
+    base_lr: float = 0.3  # peak lr = base_lr * global batch / 256
+    weight_decay: float = 1e-6
+    momentum: float = 0.9  # sgd / lars
+    trust_coefficient: float = 0.001  # lars
+    exclude_bias_and_norm: bool = False  # no weight decay (and no LARS scaling) for biases and norms
+    warmup_epochs: float = 10
+    warmup_start_factor: float = 0.001  # warm-up starts at this fraction of the peak lr
+    grad_clip_value: float | None = None
+    grad_clip_norm: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 100
+    max_steps: int | None = None  # stop early (smoke runs, tests); the schedule still spans `epochs`
+    precision: str = "bf16"
+    device: str = "auto"
+    log_every_steps: int = 50
+    max_nonfinite_steps: int = 20  # abort after this many non-finite losses in a row
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep: int = 3
+
+
+@dataclass
+class LinearProbeConfig:
+    epochs: int = 100
+    batch_size: int = 512
+    base_lrs: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # lr = base * batch / 256
+    weight_decays: list[float] = field(default_factory=lambda: [0.0, 1e-5])
+    val_fraction: float = 0.1  # carved from train to choose the sweep point
+
+
+@dataclass
+class KnnConfig:
+    enabled: bool = True
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
+class EvalConfig:
+    after_pretrain: bool = False  # probe in the same process when pretraining ends
+    batch_size: int = 256  # feature extraction
+    recompute_bn_stats: bool = True  # BatchNorm statistics of clean images before extracting
+    compare_random_init: bool = True  # probe a randomly initialised trunk of the same shape too
+    labels_per_class: list[int] = field(default_factory=list)  # extra probes on few labels per class
+    train_images: int | None = None  # probe on a seeded subset of the train split (None: all of it)
+    linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> str:
+        import os
+        return os.path.join(self.run.root, self.run.name)
+
+    def validate(self) -> list[str]:
+        return validate(self)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def shape_signature(self) -> dict:
+        """The keys that decide tensor shapes: a checkpoint only loads into a config with the same."""
+        signature = {f"model.{k}": getattr(self.model, k) for k in ModelConfig.SHAPE_FIELDS}
+        signature["objective.name"] = self.objective.name
+        selected = self.objective.selected
+        signature.update({f"objective.{self.objective.name}.{k}": getattr(selected, k)
+                          for k in selected.SHAPE_FIELDS})
+        signature["optim.name"] = self.optim.name
+        return signature
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), *, check: bool = True) -> Config:
+    """YAML file (optional) + `a.b=value` overrides -> a validated Config."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError([f"config file {path} does not exist"]) from None
+        except yaml.YAMLError as error:
+            raise ConfigError([f"config file {path} is not valid YAML: {error}"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"config file {path}: the top level must be a mapping of sections"])
+    problems: list[str] = []
+    for item in overrides:
+        problems += apply_override(raw, item)
+    if problems:
+        raise ConfigError(problems)
+    return config_from_dict(raw, check=check)
+
+
+def config_from_dict(raw: dict, *, check: bool = True) -> Config:
+    problems: list[str] = []
+    config = _build(Config, raw, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    if check:
+        problems = validate(config)
+        if problems:
+            raise ConfigError(problems)
+    return config
+
+
+def apply_override(raw: dict, item: str) -> list[str]:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        return [f"override {item!r}: expected key=value, e.g. optim.base_lr=0.5"]
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        return [f"override {item!r}: empty key component"]
+    value = yaml.safe_load(text) if text.strip() else ""
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return [f"override {item!r}: {'.'.join(parts[:depth + 1])} is not an index of the list"]
+            node = node[int(part)]
+            continue
+        child = node.setdefault(part, {})
+        if not isinstance(child, (dict, list)):
+            return [f"override {item!r}: {'.'.join(parts[:depth + 1])} is a value, not a section"]
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            return [f"override {item!r}: {last} is not an index of the list"]
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return []
+
+
+def _build(cls, raw, prefix: str, problems: list[str]):
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            problems.append(f"unknown key {prefix}{key}{hint}; valid keys here: {', '.join(names)}")
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = _coerce(raw[name], hints[name], f"{prefix}{name}", problems)
+    try:
+        return cls(**values)
+    except TypeError as error:  # only reachable if coercion let something odd through
+        problems.append(f"{prefix.rstrip('.')}: {error}")
+        return cls()
+
+
+def _coerce(value, hint, key: str, problems: list[str]):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key, problems)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.", problems)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {value!r}")
+            return []
+        return [_coerce(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            problems.append(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+            return tuple(0.0 for _ in args)
+        return tuple(_coerce(v, a, f"{key}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    problems.append(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dump_config(config: Config, path: str) -> None:
+    import os
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of values (types are already right here)
+
+
+def _choice(key: str, value, valid) -> list[str]:
+    return [] if value in valid else [f"{key}: {value!r} is not valid; choose one of {', '.join(valid)}"]
+
+
+def _positive(key: str, value) -> list[str]:
+    return [] if value > 0 else [f"{key}: {value} must be > 0"]
+
+
+def validate(c: Config) -> list[str]:
+    e: list[str] = []
+    e += _choice("model.backbone", c.model.backbone, BACKBONES)
+    e += _positive("model.width", c.model.width)
+    if c.model.dim is not None:
+        e += _positive("model.dim", c.model.dim)
+    e += _choice("objective.name", c.objective.name, OBJECTIVES)
+    e += [f"data.{p}" for p in c.data.validate()]
+    e += _validate_objective(c)
+    e += _choice("optim.name", c.optim.name, OPTIMIZERS)
+    e += _positive("optim.base_lr", c.optim.base_lr)
+    if c.optim.weight_decay < 0:
+        e.append(f"optim.weight_decay: {c.optim.weight_decay} must be >= 0")
+    if not 0 <= c.optim.momentum < 1:
+        e.append(f"optim.momentum: {c.optim.momentum}; valid range is [0, 1)")
+    if not 0 < c.optim.warmup_start_factor <= 1:
+        e.append(f"optim.warmup_start_factor: {c.optim.warmup_start_factor}; valid range is (0, 1]")
+    for key in ("grad_clip_value", "grad_clip_norm"):
+        if getattr(c.optim, key) is not None:
+            e += _positive(f"optim.{key}", getattr(c.optim, key))
+    e += _positive("train.epochs", c.train.epochs)
+    if not 0 <= c.optim.warmup_epochs <= c.train.epochs:
+        e.append(f"optim.warmup_epochs: {c.optim.warmup_epochs}; must be between 0 and train.epochs "
+                 f"({c.train.epochs})")
+    if c.train.max_steps is not None:
+        e += _positive("train.max_steps", c.train.max_steps)
+    e += _choice("train.precision", c.train.precision, PRECISIONS)
+    e += _choice("train.device", c.train.device, DEVICES)
+    e += _positive("train.log_every_steps", c.train.log_every_steps)
+    e += _positive("train.max_nonfinite_steps", c.train.max_nonfinite_steps)
+    e += _positive("checkpoint.every_steps", c.checkpoint.every_steps)
+    e += _positive("checkpoint.keep", c.checkpoint.keep)
+    e += _positive("eval.batch_size", c.eval.batch_size)
+    e += [f"eval.labels_per_class: {n} must be > 0" for n in c.eval.labels_per_class if n <= 0]
+    if c.eval.train_images is not None:
+        e += _positive("eval.train_images", c.eval.train_images)
+    e += _positive("eval.linear.epochs", c.eval.linear.epochs)
+    e += _positive("eval.linear.batch_size", c.eval.linear.batch_size)
+    if not c.eval.linear.base_lrs or not c.eval.linear.weight_decays:
+        e.append("eval.linear: base_lrs and weight_decays each need at least one value")
+    e += [f"eval.linear.base_lrs: {v} must be > 0" for v in c.eval.linear.base_lrs if v <= 0]
+    if not 0 < c.eval.linear.val_fraction < 1:
+        e.append(f"eval.linear.val_fraction: {c.eval.linear.val_fraction}; valid range is (0, 1)")
+    e += _positive("eval.knn.k", c.eval.knn.k)
+    e += _positive("eval.knn.temperature", c.eval.knn.temperature)
+    if not c.run.name or "/" in c.run.name:
+        e.append(f"run.name: {c.run.name!r}; give a non-empty name without '/'")
+    return e
+
+
+def _validate_objective(c: Config) -> list[str]:
+    e: list[str] = []
+    n_crops = sum(g.count for g in c.data.crops)
+    n_large = c.data.crops[0].count if c.data.crops else 0
+    name = c.objective.name
+    if name == "dissl":
+        d = c.objective.dissl
+        if d.n_classes < 2:
+            e.append(f"objective.dissl.n_classes: {d.n_classes}; C must be >= 2")
+        for key in ("tau_t", "tau_s", "teacher_hidden", "student_bottleneck"):
+            e += _positive(f"objective.dissl.{key}", getattr(d, key))
+        if d.beta_warmup_steps < 0:
+            e.append(f"objective.dissl.beta_warmup_steps: {d.beta_warmup_steps} must be >= 0")
+        if d.lam < d.beta + 1:
+            warnings.warn(f"objective.dissl: lam ({d.lam}) < beta + 1 ({d.beta + 1}); the DISSL theory asks "
+                          f"for lam >= beta + 1 to avoid collapse", stacklevel=2)
+    if name in ("dissl", "dino") and n_large < 2:
+        e.append(f"data.crops[0].count: {n_large}; {name} needs at least 2 large crops for its teacher")
+    if name in ("cissl", "simclr") and (n_crops != 2 or len(c.data.crops) != 1):
+        e.append(f"data.crops: {name} uses exactly two views of one size, got "
+                 f"{[(g.count, g.size) for g in c.data.crops]} (count, size)")
+    if name == "cissl":
+        e += _positive("objective.cissl.tau", c.objective.cissl.tau)
+        e += _positive("objective.cissl.dim", c.objective.cissl.dim)
+        if c.objective.cissl.teacher_layers not in (2, 3):
+            e.append(f"objective.cissl.teacher_layers: {c.objective.cissl.teacher_layers}; valid: 2, 3")
+    if name == "simclr":
+        e += _positive("objective.simclr.tau", c.objective.simclr.tau)
+        if c.objective.simclr.layers not in (2, 3):
+            e.append(f"objective.simclr.layers: {c.objective.simclr.layers}; valid: 2, 3")
+    if name == "dino":
+        d = c.objective.dino
+        for key in ("n_prototypes", "hidden", "bottleneck", "tau_s", "tau_t_start", "tau_t_end"):
+            e += _positive(f"objective.dino.{key}", getattr(d, key))
+        for key in ("momentum_start", "center_momentum"):
+            if not 0 <= getattr(d, key) <= 1:
+                e.append(f"objective.dino.{key}: {getattr(d, key)}; valid range is [0, 1]")
+    return e

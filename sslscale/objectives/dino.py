@@ -1,0 +1,80 @@
+"""DINO baseline: EMA teacher (encoder + head), centring and sharpening of the teacher output."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sslscale.models.heads import DinoHead
+from sslscale.models.multicrop import encode_crops
+from sslscale.objectives.base import Objective, ObjectiveContext
+from sslscale.objectives.dissl import cross_entropy
+from sslscale.objectives.gather import or_local
+
+
+def dino_loss(teacher_out: list[torch.Tensor], student_out: list[torch.Tensor], *, center: torch.Tensor,
+              tau_t: float, tau_s: float):
+    """teacher_out: [B, K] per large crop (no gradient); student_out: [B, K] per crop, large first.
+    Same-view pairs (teacher crop k, student crop k) are skipped."""
+    teacher_probs = [F.softmax((t.float() - center) / tau_t, dim=-1).detach() for t in teacher_out]
+    student_log_probs = [F.log_softmax(s.float() / tau_s, dim=-1) for s in student_out]
+    terms = [cross_entropy(teacher_probs[k], student_log_probs[j])
+             for k in range(len(teacher_probs)) for j in range(len(student_log_probs)) if j != k]
+    if not terms:
+        raise ValueError("DINO needs at least two crops")
+    return torch.stack(terms).mean(), {}
+
+
+def cosine_momentum(start: float, step: int, total_steps: int) -> float:
+    """Teacher EMA momentum: start -> 1 along a half cosine over the run."""
+    progress = min(step / max(total_steps, 1), 1.0)
+    return 1 - (1 - start) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class DINO(Objective):
+    def __init__(self, cfg, ctx: ObjectiveContext):
+        super().__init__()
+        self.cfg, self.ctx, self.gather = cfg, ctx, or_local(ctx.gather)
+        self.student_head = DinoHead(ctx.feature_dim, cfg.hidden, cfg.bottleneck, cfg.n_prototypes)
+        self.teacher_encoder = copy.deepcopy(ctx.encoder)
+        self.teacher_head = copy.deepcopy(self.student_head)
+        for p in [*self.teacher_encoder.parameters(), *self.teacher_head.parameters()]:
+            p.requires_grad_(False)
+        self.register_buffer("center", torch.zeros(cfg.n_prototypes))
+
+    def teacher_temperature(self, step: int) -> float:
+        warmup_steps = self.cfg.tau_t_warmup_epochs * self.ctx.steps_per_epoch
+        if step >= warmup_steps:
+            return self.cfg.tau_t_end
+        return self.cfg.tau_t_start + (self.cfg.tau_t_end - self.cfg.tau_t_start) * step / warmup_steps
+
+    def forward(self, features, step: int, crops=None):
+        n_large = self.ctx.n_large_crops
+        with torch.no_grad():
+            teacher_features = encode_crops(self.teacher_encoder, crops[:n_large])
+            teacher_out = list(self.teacher_head(torch.cat(teacher_features)).chunk(n_large))
+        student_out = list(self.student_head(torch.cat(features)).chunk(len(features)))
+        tau_t = self.teacher_temperature(step)
+        loss, logs = dino_loss(teacher_out, student_out, center=self.center, tau_t=tau_t, tau_s=self.cfg.tau_s)
+        if self.training:
+            with torch.no_grad():
+                batch_center = self.gather(torch.cat(teacher_out).float()).mean(0)
+                self.center.mul_(self.cfg.center_momentum).add_(batch_center, alpha=1 - self.cfg.center_momentum)
+        logs["tau_t"] = torch.tensor(tau_t)
+        return loss, logs
+
+    def after_backward(self, step: int) -> None:
+        # The last layer stays fixed at first: DINO is unstable if the prototypes move from step 0.
+        if step < self.cfg.freeze_last_layer_epochs * self.ctx.steps_per_epoch:
+            for p in self.student_head.last_layer.parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, encoder) -> None:
+        momentum = cosine_momentum(self.cfg.momentum_start, step, self.ctx.total_steps)
+        pairs = [(self.teacher_encoder, encoder), (self.teacher_head, self.student_head)]
+        for teacher, student in pairs:
+            for t, s in zip(teacher.parameters(), student.parameters()):
+                t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)

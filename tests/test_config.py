@@ -1,0 +1,118 @@
+import glob
+import os
+
+import pytest
+import yaml
+
+from sslscale.config import Config, ConfigError, apply_override, dump_config, load_config
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_shipped_config_loads_and_validates(path):
+    config = load_config(path)
+    assert config.validate() == []
+    assert config.run.name  # each recipe names its run folder
+
+
+def test_the_seeds_imagenet_recipes_are_all_there():
+    names = {os.path.basename(p)[:-5] for p in CONFIGS}
+    expected = {"dissl_resnet50_dNone_e100_m2", "dissl_resnet50_d8192_e100_m2", "dissl_resnet50_d8192_e100_m6",
+                "dissl_resnet50_dNone_e400_m2", "dissl_resnet50_dNone_e400_m6", "dissl_resnet50_d8192_e400_m6",
+                "dissl_resnet50_d8192_e800_m8", "cissl_resnet50_e100_m2", "quickstart"}
+    assert expected <= names
+
+
+def problems_of(*overrides):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, list(overrides))
+    return "\n".join(info.value.problems)
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    message = problems_of("optim.base_lrr=0.1")
+    assert "unknown key optim.base_lrr" in message and "did you mean optim.base_lr" in message
+
+
+def test_unknown_section_is_named():
+    assert "unknown key optimizer" in problems_of("optimizer.lr=1")
+
+
+def test_wrong_type_names_key_and_value():
+    message = problems_of("data.batch_size=lots")
+    assert "data.batch_size" in message and "'lots'" in message and "int" in message
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("objective.name=byol", "objective.name: 'byol' is not valid; choose one of dissl, cissl, simclr, dino"),
+    ("model.backbone=vgg11", "model.backbone: 'vgg11' is not valid"),
+    ("objective.dissl.n_classes=1", "objective.dissl.n_classes: 1; C must be >= 2"),
+    ("data.crops=[{size: 0, count: 2}]", "data.crops[0].size: 0 is impossible"),
+    ("data.crops=[{size: 32, count: 2, scale: [0.0, 1.0]}]", "data.crops[0].scale: [0.0, 1.0]"),
+    ("data.crops=[{size: 32, count: 2, scale: [0.5, 1.5]}]", "data.crops[0].scale: [0.5, 1.5]"),
+    ("data.crops=[{size: 96, count: 2}, {size: 224, count: 2}]", "must be ordered large first"),
+    ("data.crops=[{size: 6, count: 2}]", "blur window of 13 px"),
+    ("data.batch_size=0", "data.batch_size: 0"),
+    ("data.source=imagenet", "data.source: 'imagenet'"),
+    ("data.source=folder", "data.path: required for source 'folder'"),
+    ("optim.warmup_epochs=500", "optim.warmup_epochs: 500.0; must be between 0 and train.epochs"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not valid"),
+])
+def test_impossible_values_are_rejected_with_the_reason(override, needle):
+    assert needle in problems_of(override)
+
+
+def test_contrastive_objectives_need_exactly_two_views():
+    message = problems_of("objective.name=cissl", "data.crops=[{size: 224, count: 2}, {size: 96, count: 6}]")
+    assert "cissl uses exactly two views" in message
+
+
+def test_all_problems_are_reported_at_once():
+    message = problems_of("model.backbone=x", "objective.name=y", "train.epochs=-1")
+    assert "model.backbone" in message and "objective.name" in message and "train.epochs" in message
+
+
+def test_dissl_warns_when_lambda_is_below_beta_plus_one():
+    with pytest.warns(UserWarning, match="lam >= beta \\+ 1"):
+        load_config(None, ["objective.dissl.lam=1.0", "objective.dissl.beta=0.6"])
+
+
+def test_overrides_parse_yaml_values_including_bare_exponents():
+    config = load_config(None, ["optim.base_lr=1e-3", "model.dim=null", "eval.labels_per_class=[1, 5]",
+                                "data.crops=[{size: 64, count: 2}]", "data.crops.0.count=4"])
+    assert config.optim.base_lr == 1e-3
+    assert config.model.dim is None
+    assert config.eval.labels_per_class == [1, 5]
+    assert config.data.crops[0].count == 4 and config.data.crops[0].size == 64
+
+
+def test_malformed_override_is_an_error():
+    assert apply_override({}, "optim.base_lr") == ["override 'optim.base_lr': expected key=value, e.g. optim.base_lr=0.5"]
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(None, ["run.name=x", "run.name.deeper=1"])
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(CONFIGS[0], ["run.seed=7"])
+    path = tmp_path / "config.yaml"
+    dump_config(config, str(path))
+    assert load_config(str(path)) == config
+    assert yaml.safe_load(path.read_text())["run"]["seed"] == 7
+
+
+def test_shape_signature_tracks_shape_keys_only():
+    base = Config()
+    wider = load_config(None, ["model.dim=8192"])
+    longer = load_config(None, ["train.epochs=800"])
+    assert base.shape_signature() != wider.shape_signature()
+    assert base.shape_signature() == longer.shape_signature()

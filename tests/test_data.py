@@ -1,0 +1,119 @@
+import os
+
+import pytest
+import torch
+
+from data_pipelines.config import DataConfig
+from data_pipelines.sources import (RankBatches, SampleStream, build_source, digits, export_image_folder,
+                                    fashion_mnist, file_list, image_folder, random_subset)
+from data_pipelines.torchvision import MultiCropDataset, collate_multicrop, multicrop_loader
+from sslscale.config import load_config
+
+FASHION = os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def positions_of_step(step, global_batch, world_size):
+    return [p for rank in range(world_size)
+            for p in next(iter(RankBatches(global_batch, rank, world_size, start_step=step, num_steps=1)))]
+
+
+def test_every_sample_once_per_epoch_and_no_sample_lost_at_epoch_ends():
+    n, batch = 10, 4  # 10 is not a multiple of 4: epochs end mid-batch
+    stream = SampleStream(n, seed=3)
+    positions = [p for step in range(5) for p in positions_of_step(step, batch, 2)]
+    indices = [stream.index(p) for p in positions]
+    assert sorted(indices[:10]) == list(range(10))
+    assert sorted(indices[10:20]) == list(range(10))
+    assert indices[:10] != indices[10:20]  # a fresh order each epoch
+
+
+def test_order_depends_on_seed_and_epoch_not_on_world_size():
+    one = positions_of_step(7, 8, 1)
+    four = positions_of_step(7, 8, 4)
+    assert one == four
+    assert [SampleStream(50, 1).index(p) for p in range(50)] == [SampleStream(50, 1).index(p) for p in range(50)]
+    assert [SampleStream(50, 1).index(p) for p in range(50)] != [SampleStream(50, 2).index(p) for p in range(50)]
+
+
+def test_ranks_get_disjoint_equal_shards():
+    shards = [next(iter(RankBatches(12, r, 3))) for r in range(3)]
+    assert all(len(s) == 4 for s in shards)
+    assert len(set().union(*map(set, shards))) == 12
+    with pytest.raises(ValueError, match="does not split evenly"):
+        RankBatches(10, 0, 3)
+
+
+def test_multicrop_batches_are_large_first_normalised_and_deterministic():
+    cfg = load_config(None, ["data.source=digits", "data.batch_size=6", "data.num_workers=0", "data.augment.blur_p=0",
+                             "data.crops=[{size: 16, count: 2}, {size: 8, count: 3, scale: [0.05, 0.3]}]"])
+    source = digits("train")
+    batch = next(iter(multicrop_loader(source, cfg.data, seed=0, rank=0, world_size=1, start_step=0, num_steps=1)))
+    assert [tuple(c.shape) for c in batch.crops] == [(6, 3, 16, 16)] * 2 + [(6, 3, 8, 8)] * 3
+    assert all(c.dtype == torch.float32 for c in batch.crops)
+    assert batch.labels.shape == (6,) and batch.index.shape == (6,)
+    assert torch.equal(batch.labels, source.labels[batch.index])
+    again = next(iter(multicrop_loader(source, cfg.data, seed=0, rank=0, world_size=1, start_step=0, num_steps=1)))
+    assert all(torch.equal(a, b) for a, b in zip(batch.crops, again.crops))
+    two_crops_differ = not torch.equal(batch.crops[0], batch.crops[1])
+    assert two_crops_differ
+
+
+def test_worker_count_does_not_change_the_crops():
+    cfg = load_config(None, ["data.source=digits", "data.batch_size=8", "data.augment.blur_p=0",
+                             "data.crops=[{size: 8, count: 2}]"])
+    source = digits("train")
+    batches = []
+    for workers in (0, 2):
+        cfg.data.num_workers = workers
+        loader = multicrop_loader(source, cfg.data, seed=5, rank=0, world_size=1, start_step=3, num_steps=2)
+        batches.append([b.crops[0] for b in loader])
+    assert all(torch.equal(a, b) for a, b in zip(*batches))
+
+
+def test_image_folder_round_trip_and_corrupt_images_are_skipped_and_counted(tmp_path):
+    source = digits("train")
+    count = export_image_folder(random_subset(source, 40, seed=0), str(tmp_path / "train"))
+    assert count == 40
+    folder = image_folder(str(tmp_path / "train"))
+    assert len(folder) == 40 and folder.num_classes == len(os.listdir(tmp_path / "train"))
+    assert folder.load(0).shape == (3, 8, 8) and folder.load(0).dtype == torch.uint8
+    (tmp_path / "train" / "0" / "zz_notes.txt").write_text("not an image")  # ignored: not an image name
+    victim = sorted((tmp_path / "train" / folder.classes[0]).iterdir())[0]
+    victim.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    folder = image_folder(str(tmp_path / "train"))
+    assert len(folder) == 40
+    dataset = MultiCropDataset(folder, load_config(None, ["data.crops=[{size: 8, count: 2}]"]).data.crops,
+                               load_config(None, ["data.augment.blur_p=0"]).data.augment, seed=0)
+    samples = [dataset[p] for p in range(40)]
+    batch = collate_multicrop(samples)
+    assert batch.n_unreadable == 1
+    assert folder.paths.index(str(victim)) not in batch.index.tolist()
+
+
+def test_file_list_source(tmp_path):
+    export_image_folder(random_subset(digits("train"), 5, seed=0), str(tmp_path / "imgs"))
+    files = sorted(p for p in (tmp_path / "imgs").rglob("*.jpg"))
+    (tmp_path / "train.txt").write_text("".join(f"{p.relative_to(tmp_path)} {i % 2}\n" for i, p in enumerate(files)))
+    source = file_list(str(tmp_path / "train.txt"))
+    assert len(source) == 5 and source.labels.tolist() == [0, 1, 0, 1, 0]
+    (tmp_path / "bad.txt").write_text("only_a_path.jpg\n")
+    with pytest.raises(ValueError, match="bad.txt:1"):
+        file_list(str(tmp_path / "bad.txt"))
+
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path):
+    cfg = DataConfig(source="folder", path=str(tmp_path / "nowhere"))
+    assert cfg.check_paths() == [f"path: {tmp_path}/nowhere/train does not exist",
+                                 f"path: {tmp_path}/nowhere/val does not exist"]
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="has no image files"):
+        image_folder(str(tmp_path / "empty"))
+
+
+@pytest.mark.skipif(not FASHION, reason="Debian's dataset-fashion-mnist is not installed (.ci/install installs it)")
+def test_fashion_mnist_is_read_from_the_debian_package():
+    train, test = fashion_mnist("train"), fashion_mnist("val")
+    assert (len(train), len(test)) == (60000, 10000)
+    assert train.num_classes == 10 and train.load(0).shape == (3, 28, 28)
+    assert torch.bincount(train.labels).tolist() == [6000] * 10
+    assert len(build_source(DataConfig(source="fashion_mnist"), "val")) == 10000

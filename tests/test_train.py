@@ -1,0 +1,192 @@
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sslscale.checkpoint import Checkpointer, CheckpointMismatch
+from sslscale.config import ConfigError
+from sslscale.train import EXIT_STOPPED_FOR_REQUEUE, SSLModel, TooManyNonFiniteLosses, clip_gradients, pretrain
+from tests.conftest import tiny_overrides
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def final_state(cfg):
+    state, _ = Checkpointer(cfg.run_dir, cfg.checkpoint.keep).load_latest()
+    return state
+
+
+def assert_same_tensors(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{path}[{i}]")
+
+
+def test_a_run_writes_its_folder_checkpoints_and_tensorboard_scalars(tiny_config):
+    cfg = tiny_config("train.max_steps=5")
+    summary = pretrain(cfg)
+    assert os.path.exists(os.path.join(cfg.run_dir, "config.yaml"))
+    ckpt = Checkpointer(cfg.run_dir, cfg.checkpoint.keep)
+    assert ckpt.complete() == ["step_000000004", "step_000000005"]  # every 2 steps + the last, keep 2
+    assert open(os.path.join(ckpt.dir, "latest")).read().strip() == "step_000000005"
+    events = EventAccumulator(os.path.join(cfg.run_dir, "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("loss/loss", "loss/H_M", "loss/H_M_given_Z", "loss/CE_inv", "loss/CE_dst", "opt/lr",
+                "perf/images_per_s", "perf/data_wait_fraction", "health/nonfinite_total"):
+        assert tag in tags
+    assert [e.step for e in events.Scalars("loss/loss")] == [1, 2, 3, 4, 5]
+    assert set(summary["last"]) >= {"H_M", "H_M_given_Z"}
+
+
+@pytest.mark.parametrize("objective, extra", [
+    ("dissl", ["optim.name=lars"]),
+    ("dino", ["data.crops=[{size: 8, count: 2}, {size: 4, count: 2, scale: [0.2, 0.5]}]"]),
+    ("cissl", ["optim.name=adam", "optim.base_lr=0.001", "optim.grad_clip_value=2.0"]),
+    ("simclr", []),
+])
+def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path, objective, extra):
+    from sslscale.config import load_config
+    common = [f"objective.name={objective}", *extra]
+    straight = load_config(None, tiny_overrides(tmp_path / "a", *common, "train.max_steps=7"))
+    pretrain(straight)
+    interrupted = load_config(None, tiny_overrides(tmp_path / "b", *common, "train.max_steps=3"))
+    pretrain(interrupted)
+    resumed = load_config(None, tiny_overrides(tmp_path / "b", *common, "train.max_steps=7"))
+    pretrain(resumed)
+    a, b = final_state(straight), final_state(resumed)
+    assert a["progress"]["step"] == b["progress"]["step"] == 7
+    assert_same_tensors(a["model"], b["model"], "model")
+    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer")
+
+
+def test_rerunning_a_finished_run_trains_nothing(tiny_config, capsys):
+    cfg = tiny_config("train.max_steps=2")
+    pretrain(cfg)
+    pretrain(cfg)
+    assert "already at step 2" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_another_shape_is_refused(tiny_config):
+    pretrain(tiny_config("train.max_steps=2"))
+    with pytest.raises(CheckpointMismatch, match="model.width: checkpoint has 8, config has 16"):
+        pretrain(tiny_config("train.max_steps=4", "model.width=16"))
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path):
+    straight = tiny_config("train.max_steps=5", "run.name=straight")
+    pretrain(straight)
+    cfg = tiny_config("train.max_steps=5")
+    pretrain(cfg)
+    newest = os.path.join(cfg.run_dir, "ckpt", "step_000000005", "state.pt")
+    with open(newest, "r+b") as f:
+        f.truncate(100)
+    state, name = Checkpointer(cfg.run_dir, 2).load_latest()
+    assert name == "step_000000004"
+    os.remove(os.path.join(cfg.run_dir, "ckpt", "step_000000005", "COMPLETE"))
+    pretrain(cfg)  # redoes step 5 from step 4
+    assert_same_tensors(final_state(straight)["model"], final_state(cfg)["model"])
+
+
+def test_incomplete_and_temporary_checkpoints_are_ignored_and_cleaned(tiny_config):
+    cfg = tiny_config("train.max_steps=2")
+    pretrain(cfg)
+    ckpt_dir = os.path.join(cfg.run_dir, "ckpt")
+    os.makedirs(os.path.join(ckpt_dir, "step_000000009"))  # no COMPLETE marker: a crash mid-save
+    os.makedirs(os.path.join(ckpt_dir, ".tmp-step_000000003-999999"))
+    assert Checkpointer(cfg.run_dir, 2).load_latest()[1] == "step_000000002"
+    pretrain(tiny_config("train.max_steps=4"))
+    assert not os.path.exists(os.path.join(ckpt_dir, ".tmp-step_000000003-999999"))
+
+
+def nan_at(steps):
+    original = SSLModel.forward
+
+    def forward(self, crops, step):
+        loss, logs = original(self, crops, step)
+        return (loss * float("nan"), logs) if step in steps else (loss, logs)
+    return forward
+
+
+def test_a_non_finite_loss_skips_the_update_and_is_counted(tiny_config, monkeypatch):
+    monkeypatch.setattr(SSLModel, "forward", nan_at({2}))
+    cfg = tiny_config("train.max_steps=4")
+    pretrain(cfg)
+    assert final_state(cfg)["progress"]["nonfinite_total"] == 1
+
+
+def test_too_many_non_finite_losses_in_a_row_abort_and_keep_the_last_checkpoint(tiny_config, monkeypatch):
+    monkeypatch.setattr(SSLModel, "forward", nan_at(set(range(2, 100))))
+    cfg = tiny_config("train.max_steps=20", "train.max_nonfinite_steps=3")
+    with pytest.raises(TooManyNonFiniteLosses, match="3 non-finite losses in a row"):
+        pretrain(cfg)
+    state = final_state(cfg)
+    assert state["progress"]["step"] == 4 and state["progress"]["nonfinite_total"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(tiny_config, precision):
+    cfg = tiny_config("train.max_steps=2", f"train.precision={precision}")
+    pretrain(cfg)
+    assert final_state(cfg)["progress"]["nonfinite_total"] == 0
+
+
+def test_gradient_clipping_by_value_and_norm(tiny_config):
+    model = torch.nn.Linear(3, 2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    clip_gradients(model, tiny_config("optim.grad_clip_value=2.0").optim)
+    assert all(p.grad.max() == 2.0 for p in model.parameters())
+    clip_gradients(model, tiny_config("optim.grad_clip_norm=1.0").optim)
+    norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert norm == pytest.approx(1.0, rel=1e-4)
+
+
+def test_batch_larger_than_the_data_set_is_refused(tiny_config):
+    with pytest.raises(ConfigError, match="larger than the data set"):
+        pretrain(tiny_config("data.batch_size=4096"))
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "sslscale.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def test_cli_reports_bad_input_without_a_traceback_and_writes_nothing(tmp_path):
+    result = run_cli("pretrain", os.path.join(REPO, "configs", "quickstart.yaml"), "objective.name=byol",
+                     f"run.root={tmp_path}")
+    assert result.returncode == 2
+    assert "objective.name: 'byol' is not valid" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("pretrain", os.path.join(REPO, "configs", "quickstart.yaml"), "data.source=folder",
+                     f"data.path={tmp_path}/missing", f"run.root={tmp_path}/runs")
+    assert result.returncode == 2 and f"data.path: {tmp_path}/missing/train does not exist" in result.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_sigterm_stops_at_a_step_boundary_saves_and_exits_for_requeue(tmp_path):
+    args = ["pretrain", os.path.join(REPO, "configs", "quickstart.yaml"),
+            *tiny_overrides(tmp_path), "train.epochs=100", "checkpoint.every_steps=100000"]
+    process = subprocess.Popen([sys.executable, "-m", "sslscale.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_STOPPED_FOR_REQUEUE, stderr
+    assert "stopped by signal SIGTERM" in stderr
+    saved = Checkpointer(str(tmp_path / "tiny"), 2).complete()
+    assert len(saved) == 1 and int(saved[0].split("_")[1]) >= 3
+    resumed = run_cli(*args[:-2], "train.max_steps=8")
+    assert resumed.returncode == 0 and f"from {saved[0]}" in resumed.stdout
