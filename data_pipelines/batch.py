@@ -20,7 +20,8 @@ class Batch:
     index: torch.Tensor
     n_unreadable: int = 0
 
-    def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
-        return Batch([c.to(device, non_blocking=non_blocking) for c in self.crops],
+    def to(self, device: torch.device, non_blocking: bool = True,
+           memory_format: torch.memory_format = torch.contiguous_format) -> "Batch":
+        return Batch([c.to(device, non_blocking=non_blocking, memory_format=memory_format) for c in self.crops],
                      self.labels.to(device, non_blocking=non_blocking),
                      self.index.to(device, non_blocking=non_blocking), self.n_unreadable)

@@ -21,6 +21,7 @@ BACKBONES = ("resnet18", "resnet50")
 OBJECTIVES = ("dissl", "cissl", "simclr", "dino")
 OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp",)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -132,8 +133,15 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (smoke runs, tests); the schedule still spans `epochs`
     precision: str = "bf16"
     device: str = "auto"
+    channels_last: bool = True  # NHWC memory layout for the convnet: faster on GPUs and on x86 CPUs
     log_every_steps: int = 50
     max_nonfinite_steps: int = 20  # abort after this many non-finite losses in a row
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "ddp"
+    timeout_s: float = 600  # a collective waiting longer fails (naming the rank) instead of hanging
 
 
 @dataclass
@@ -179,6 +187,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -392,6 +401,8 @@ def validate(c: Config) -> list[str]:
     e += _choice("train.device", c.train.device, DEVICES)
     e += _positive("train.log_every_steps", c.train.log_every_steps)
     e += _positive("train.max_nonfinite_steps", c.train.max_nonfinite_steps)
+    e += _choice("dist.strategy", c.dist.strategy, STRATEGIES)
+    e += _positive("dist.timeout_s", c.dist.timeout_s)
     e += _positive("checkpoint.every_steps", c.checkpoint.every_steps)
     e += _positive("checkpoint.keep", c.checkpoint.keep)
     e += _positive("eval.batch_size", c.eval.batch_size)

@@ -21,8 +21,11 @@ def format_duration(seconds: float) -> str:
 
 class Monitor:
     def __init__(self, run_dir: str, *, end_step: int, samples_per_epoch: int, global_batch: int,
-                 log_every: int, enabled: bool = True, stream=None):
+                 log_every: int, enabled: bool = True, reduce=None, stream=None):
+        """enabled: this process writes (rank 0). reduce: averages a tensor over ranks; every rank calls
+        record() so that the reduction at logging steps has all ranks in it."""
         self.enabled, self.stream, self.run_dir = enabled, stream or sys.stdout, run_dir
+        self.reduce = reduce
         self.end_step, self.samples_per_epoch = end_step, samples_per_epoch
         self.global_batch, self.log_every = global_batch, log_every
         self.writer = None
@@ -58,7 +61,10 @@ class Monitor:
             return
         now = time.perf_counter()
         elapsed = max(now - self._window_start, 1e-9)
-        averages = {k: float(v) / self._count for k, v in self._sums.items()}
+        sums = torch.stack(list(self._sums.values()))
+        if self.reduce is not None:
+            sums = self.reduce(sums)
+        averages = {k: float(v) / self._count for k, v in zip(self._sums, sums)}
         images_per_s = self._count * self.global_batch / elapsed
         data_fraction = self._data_seconds / elapsed
         eta = (self.end_step - done) * elapsed / self._count

@@ -24,6 +24,8 @@ from data_pipelines.sources import build_source
 from data_pipelines.torchvision import multicrop_loader
 from sslscale.checkpoint import Checkpointer, check_signature
 from sslscale.config import Config, ConfigError, dump_config, load_config
+from sslscale.distributed import (AllGatherWithGrad, DistEnv, destroy_process_group, init_process_group, read_env,
+                                  sync_batchnorm)
 from sslscale.models import build_trunk, encode_crops
 from sslscale.monitor import Monitor
 from sslscale.objectives import ObjectiveContext, build_objective
@@ -107,11 +109,19 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def resolve_device(name: str) -> torch.device:
+def memory_format(train_cfg) -> torch.memory_format:
+    return torch.channels_last if train_cfg.channels_last else torch.contiguous_format
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of this process: its own GPU (by local rank) or the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(["train.device: 'cuda' but no CUDA device is available; use auto or cpu"])
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(["train.device: 'cuda' but no CUDA device is available; use auto or cpu"])
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -143,11 +153,32 @@ def check_run_folder(cfg: Config) -> None:
         check_signature(saved.shape_signature(), cfg.shape_signature(), f"run folder {cfg.run_dir}")
 
 
-def build_model(cfg: Config, *, steps_per_epoch: float, total_steps: int) -> SSLModel:
+def build_model(cfg: Config, *, steps_per_epoch: float, total_steps: int, gather=None) -> SSLModel:
     encoder = build_trunk(cfg.model)
     ctx = ObjectiveContext(feature_dim=encoder.out_dim, n_large_crops=cfg.data.crops[0].count,
-                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, encoder=encoder)
+                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, encoder=encoder, gather=gather)
     return SSLModel(encoder, build_objective(cfg.objective, ctx))
+
+
+class RankAgreement:
+    """Decisions every rank must take together (skip a step, stop for requeue)."""
+
+    def __init__(self, env: DistEnv, device: torch.device):
+        self.env, self.device = env, device
+
+    def any(self, flag: bool) -> bool:
+        if not self.env.is_distributed:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        if not self.env.is_distributed:
+            return values
+        values = values.to(self.device).clone()
+        torch.distributed.all_reduce(values)
+        return values / self.env.world_size
 
 
 def clip_gradients(model: nn.Module, optim_cfg) -> None:
@@ -157,98 +188,155 @@ def clip_gradients(model: nn.Module, optim_cfg) -> None:
         nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip_norm)
 
 
+class Trainer:
+    """One run: builds every part from the config, restores the newest checkpoint, runs the steps."""
+
+    def __init__(self, cfg: Config, stream=None):
+        self.cfg, self.stream = cfg, stream or sys.stdout
+        self.env = read_env()
+        self.global_batch = cfg.data.batch_size
+        if self.global_batch % self.env.world_size:
+            raise ConfigError([f"data.batch_size: the global batch {self.global_batch} does not split evenly over "
+                               f"{self.env.world_size} ranks; choose a multiple of {self.env.world_size}"])
+        preflight(cfg)
+        check_run_folder(cfg)
+        self.source = build_source(cfg.data, "train")
+        if self.global_batch > len(self.source):
+            raise ConfigError([f"data.batch_size: {self.global_batch} is larger than the data set "
+                               f"({len(self.source)} images)"])
+        self.device = resolve_device(cfg.train.device, self.env.local_rank)
+        self.layout = memory_format(cfg.train)
+        init_process_group(self.env, self.device, cfg.dist.timeout_s)
+        self.agree = RankAgreement(self.env, self.device)
+        if self.env.is_main:
+            dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+
+        total_samples = int(cfg.train.epochs * len(self.source))
+        total_steps = math.ceil(total_samples / self.global_batch)
+        self.end_step = total_steps if cfg.train.max_steps is None else min(total_steps, cfg.train.max_steps)
+
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+        gather = AllGatherWithGrad() if self.env.is_distributed else None
+        core = build_model(cfg, steps_per_epoch=len(self.source) / self.global_batch, total_steps=total_steps,
+                           gather=gather)
+        if self.env.is_distributed:
+            core = sync_batchnorm(core, self.device)
+        # `core` is the model itself (saved, evaluated); `model` is what runs the step (maybe DDP-wrapped).
+        self.core = core.to(self.device, memory_format=self.layout)
+        self.model = self.core
+        if self.env.is_distributed:
+            # SyncBN keeps buffers equal on all ranks, so DDP need not broadcast them every step.
+            self.model = nn.parallel.DistributedDataParallel(
+                self.core, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        self.optimizer = build_optimizer(self.core, cfg.optim, self.global_batch)
+        self.schedule = WarmupCosine(peak_lr(cfg.optim, self.global_batch),
+                                     int(cfg.optim.warmup_epochs * len(self.source)), total_samples,
+                                     cfg.optim.warmup_start_factor)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
+        self.progress = Progress()
+        self.checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep)
+        self.monitor = Monitor(cfg.run_dir, end_step=self.end_step, samples_per_epoch=len(self.source),
+                               global_batch=self.global_batch, log_every=cfg.train.log_every_steps,
+                               enabled=self.env.is_main, reduce=self.agree.mean, stream=self.stream)
+        # Everything a checkpoint holds; each part restores itself through load_state_dict().
+        self.stateful = {"model": self.core, "optimizer": self.optimizer, "scaler": self.scaler,
+                         "progress": self.progress, "monitor": self.monitor, "rng": RNGStates()}
+
+    def restore(self) -> None:
+        restored = self.checkpointer.load_latest()
+        if restored is None:
+            return
+        state, name = restored
+        check_signature(state["shape_signature"], self.cfg.shape_signature(), f"checkpoint {name}")
+        for key, part in self.stateful.items():
+            part.load_state_dict(state[key])
+        if self.env.is_main:
+            print(f"resumed {self.cfg.run_dir} from {name} (step {self.progress.step})", file=self.stream, flush=True)
+
+    def save(self) -> None:
+        """Rank 0 writes one file (data parallel: every rank holds the same state)."""
+        if self.env.is_main:
+            state = {key: part.state_dict() for key, part in self.stateful.items()}
+            state["shape_signature"] = self.cfg.shape_signature()
+            self.checkpointer.save(self.progress.step, state)
+        if self.env.is_distributed:
+            torch.distributed.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
+
+    def train_step(self, batch, step: int) -> tuple[torch.Tensor, dict]:
+        """Forward, backward and update. A non-finite loss on any rank skips the update on all ranks
+        (counted); backward runs regardless, since DDP expects one after every forward."""
+        with autocast(self.device, self.cfg.train.precision):
+            loss, logs = self.model(batch.crops, step)
+        self.scaler.scale(loss).backward()
+        objective, progress = self.core.objective, self.progress
+        if not self.agree.any(not bool(torch.isfinite(loss))):
+            progress.nonfinite_in_row = 0
+            objective.after_backward(step)
+            self.scaler.unscale_(self.optimizer)
+            clip_gradients(self.core, self.cfg.optim)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            objective.after_optimizer_step(step, self.core.encoder)
+        else:
+            progress.nonfinite_in_row += 1
+            progress.nonfinite_total += 1
+            if self.env.is_main:
+                print(f"step {step + 1}: non-finite loss ({loss.item()}); update skipped "
+                      f"({progress.nonfinite_in_row} in a row)", file=self.stream, flush=True)
+            if progress.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
+                raise TooManyNonFiniteLosses(
+                    f"{progress.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps); the last "
+                    f"complete checkpoint is kept. Lower optim.base_lr or check the data.")
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), logs
+
+    def fit(self) -> dict:
+        """Train from the newest checkpoint to end_step. Returns the monitor's summaries."""
+        self.restore()
+        progress, cfg = self.progress, self.cfg
+        if progress.step >= self.end_step:
+            print(f"{cfg.run_dir} is already at step {progress.step} of {self.end_step}; nothing to train",
+                  file=self.stream)
+            return self.monitor.state_dict()
+        loader = multicrop_loader(self.source, cfg.data, seed=cfg.run.seed, rank=self.env.rank,
+                                  world_size=self.env.world_size,
+                                  start_step=progress.step, num_steps=self.end_step - progress.step)
+        self.model.train()
+        self.monitor.start(progress.step)
+        try:
+            with StopSignal() as stop:
+                waited_since = time.perf_counter()
+                for batch in loader:
+                    data_seconds = time.perf_counter() - waited_since
+                    step = progress.step
+                    lr = self.schedule.apply(self.optimizer, step * self.global_batch)
+                    batch = batch.to(self.device, memory_format=self.layout)
+                    progress.unreadable_total += batch.n_unreadable
+                    loss, logs = self.train_step(batch, step)
+                    progress.step += 1
+                    self.monitor.record(step, {"loss": loss, **logs}, lr=lr, data_seconds=data_seconds,
+                                        extra={"health/nonfinite_total": progress.nonfinite_total,
+                                               "health/unreadable_total": progress.unreadable_total})
+                    if progress.step % cfg.checkpoint.every_steps == 0 or progress.step == self.end_step:
+                        self.save()
+                    if self.agree.any(stop.received is not None):
+                        self.save()
+                        raise StoppedForRequeue(f"stopped by {describe_signal(stop.received)} at step "
+                                                f"{progress.step}; checkpoint saved in {cfg.run_dir}")
+                    waited_since = time.perf_counter()
+        finally:
+            self.monitor.close()
+        return self.monitor.state_dict()
+
+
+def describe_signal(signum: int | None) -> str:
+    return f"signal {signal.Signals(signum).name}" if signum is not None else "a stop signal on another rank"
+
+
 def pretrain(cfg: Config, stream=None) -> dict:
     """Train (or resume) the run that `cfg` names. Returns the monitor's summaries."""
-    stream = stream or sys.stdout
-    preflight(cfg)
-    check_run_folder(cfg)
-    device = resolve_device(cfg.train.device)
-    source = build_source(cfg.data, "train")
-    global_batch = cfg.data.batch_size
-    if global_batch > len(source):
-        raise ConfigError([f"data.batch_size: {global_batch} is larger than the data set ({len(source)} images)"])
-    dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-
-    total_samples = int(cfg.train.epochs * len(source))
-    total_steps = math.ceil(total_samples / global_batch)
-    end_step = total_steps if cfg.train.max_steps is None else min(total_steps, cfg.train.max_steps)
-
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg, steps_per_epoch=len(source) / global_batch, total_steps=total_steps).to(device)
-    optimizer = build_optimizer(model, cfg.optim, global_batch)
-    schedule = WarmupCosine(peak_lr(cfg.optim, global_batch), int(cfg.optim.warmup_epochs * len(source)),
-                            total_samples, cfg.optim.warmup_start_factor)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    progress, rng = Progress(), RNGStates()
-    checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep)
-    monitor = Monitor(cfg.run_dir, end_step=end_step, samples_per_epoch=len(source),
-                      global_batch=global_batch, log_every=cfg.train.log_every_steps, stream=stream)
-    stateful = {"model": model, "optimizer": optimizer, "scaler": scaler, "progress": progress,
-                "monitor": monitor, "rng": rng}
-
-    restored = checkpointer.load_latest()
-    if restored is not None:
-        state, name = restored
-        check_signature(state["shape_signature"], cfg.shape_signature(), f"checkpoint {name}")
-        for key, part in stateful.items():
-            part.load_state_dict(state[key])
-        print(f"resumed {cfg.run_dir} from {name} (step {progress.step})", file=stream, flush=True)
-
-    def save() -> None:
-        state = {key: part.state_dict() for key, part in stateful.items()}
-        state["shape_signature"] = cfg.shape_signature()
-        checkpointer.save(progress.step, state)
-
-    if progress.step >= end_step:
-        print(f"{cfg.run_dir} is already at step {progress.step} of {end_step}; nothing to train", file=stream)
-        monitor.close()
-        return monitor.state_dict()
-
-    loader = multicrop_loader(source, cfg.data, seed=cfg.run.seed, rank=0, world_size=1,
-                              start_step=progress.step, num_steps=end_step - progress.step)
-    model.train()
-    monitor.start(progress.step)
     try:
-        with StopSignal() as stop:
-            waited_since = time.perf_counter()
-            for batch in loader:
-                data_seconds = time.perf_counter() - waited_since
-                step = progress.step
-                lr = schedule.apply(optimizer, step * global_batch)
-                batch = batch.to(device)
-                progress.unreadable_total += batch.n_unreadable
-                with autocast(device, cfg.train.precision):
-                    loss, logs = model(batch.crops, step)
-                if torch.isfinite(loss):
-                    progress.nonfinite_in_row = 0
-                    scaler.scale(loss).backward()
-                    model.objective.after_backward(step)
-                    scaler.unscale_(optimizer)
-                    clip_gradients(model, cfg.optim)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    model.objective.after_optimizer_step(step, model.encoder)
-                else:
-                    progress.nonfinite_in_row += 1
-                    progress.nonfinite_total += 1
-                    print(f"step {step + 1}: non-finite loss ({loss.item()}); update skipped "
-                          f"({progress.nonfinite_in_row} in a row)", file=stream, flush=True)
-                    if progress.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
-                        raise TooManyNonFiniteLosses(
-                            f"{progress.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps); "
-                            f"the last complete checkpoint is kept. Lower optim.base_lr or check the data.")
-                optimizer.zero_grad(set_to_none=True)
-                progress.step += 1
-                monitor.record(step, {"loss": loss.detach(), **logs}, lr=lr, data_seconds=data_seconds,
-                               extra={"health/nonfinite_total": progress.nonfinite_total,
-                                      "health/unreadable_total": progress.unreadable_total})
-                if progress.step % cfg.checkpoint.every_steps == 0 or progress.step == end_step:
-                    save()
-                if stop.received is not None:
-                    save()
-                    raise StoppedForRequeue(f"stopped by signal {signal.Signals(stop.received).name} at step "
-                                            f"{progress.step}; checkpoint saved in {cfg.run_dir}")
-                waited_since = time.perf_counter()
+        return Trainer(cfg, stream).fit()
     finally:
-        monitor.close()
-    return monitor.state_dict()
+        destroy_process_group()

@@ -88,7 +88,8 @@ def test_overrides_parse_yaml_values_including_bare_exponents():
 
 
 def test_malformed_override_is_an_error():
-    assert apply_override({}, "optim.base_lr") == ["override 'optim.base_lr': expected key=value, e.g. optim.base_lr=0.5"]
+    assert apply_override({}, "optim.base_lr") == [
+        "override 'optim.base_lr': expected key=value, e.g. optim.base_lr=0.5"]
     with pytest.raises(ConfigError, match="is a value, not a section"):
         load_config(None, ["run.name=x", "run.name.deeper=1"])
 

@@ -36,7 +36,7 @@ def reference_dissl(teacher, student, lam, beta, tau_t, tau_s):
         marginal = [sum(pk[b][c] for b in range(B)) / B for c in range(C)]
         h_m += -sum(m * math.log(m) for m in marginal)
     h_m /= len(p)
-    inv = [ce(p[k], p[l]) for k in range(len(p)) for l in range(len(p)) if k != l]
+    inv = [ce(p[k], p[m]) for k in range(len(p)) for m in range(len(p)) if k != m]
     dst = [ce(p[k], q[j]) for k in range(len(p)) for j in range(len(q)) if j != k]
     return sum(dst) / len(dst) - lam * h_m + beta * sum(inv) / len(inv)
 

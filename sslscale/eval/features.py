@@ -9,7 +9,8 @@ BN_RECALIBRATION_IMAGES = 10_000
 
 
 @torch.no_grad()
-def recompute_bn_statistics(trunk: nn.Module, loader, device, max_images: int = BN_RECALIBRATION_IMAGES) -> None:
+def recompute_bn_statistics(trunk: nn.Module, loader, device, max_images: int = BN_RECALIBRATION_IMAGES,
+                            memory_format: torch.memory_format = torch.contiguous_format) -> None:
     """Replace running statistics gathered on augmented crops by plain averages over clean images:
     those of augmented crops do not describe the images the probe sees."""
     norms = [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -22,7 +23,7 @@ def recompute_bn_statistics(trunk: nn.Module, loader, device, max_images: int = 
     trunk.train()
     seen = 0
     for images, _ in loader:
-        trunk(images.to(device))
+        trunk(images.to(device, memory_format=memory_format))
         seen += len(images)
         if seen >= max_images:
             break
@@ -32,10 +33,11 @@ def recompute_bn_statistics(trunk: nn.Module, loader, device, max_images: int = 
 
 
 @torch.no_grad()
-def extract_features(trunk: nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(trunk: nn.Module, loader, device,
+                     memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
     trunk.eval()
     features, labels = [], []
     for images, targets in loader:
-        features.append(trunk(images.to(device)).float().cpu())
+        features.append(trunk(images.to(device, memory_format=memory_format)).float().cpu())
         labels.append(targets)
     return torch.cat(features), torch.cat(labels)

@@ -18,7 +18,7 @@ from sslscale.eval.features import extract_features, recompute_bn_statistics
 from sslscale.eval.knn import knn_probe
 from sslscale.eval.linear import linear_probe
 from sslscale.models import build_trunk
-from sslscale.train import resolve_device
+from sslscale.train import memory_format, resolve_device
 
 
 def load_pretrained_trunk(cfg: Config) -> tuple[torch.nn.Module, str, int, dict]:
@@ -33,12 +33,13 @@ def load_pretrained_trunk(cfg: Config) -> tuple[torch.nn.Module, str, int, dict]
 
 
 def probe_trunk(trunk, cfg: Config, train_source, test_source, device) -> dict:
-    trunk = trunk.to(device)
+    layout = memory_format(cfg.train)
+    trunk = trunk.to(device, memory_format=layout)
     train_loader = eval_loader(train_source, cfg.data, cfg.eval.batch_size)
     if cfg.eval.recompute_bn_stats:
-        recompute_bn_statistics(trunk, train_loader, device)
-    train = extract_features(trunk, train_loader, device)
-    test = extract_features(trunk, eval_loader(test_source, cfg.data, cfg.eval.batch_size), device)
+        recompute_bn_statistics(trunk, train_loader, device, memory_format=layout)
+    train = extract_features(trunk, train_loader, device, layout)
+    test = extract_features(trunk, eval_loader(test_source, cfg.data, cfg.eval.batch_size), device, layout)
     classes = train_source.num_classes
     result = {"linear": linear_probe(train, test, classes, cfg.eval.linear, seed=cfg.run.seed)}
     for n in cfg.eval.labels_per_class:
@@ -47,6 +48,16 @@ def probe_trunk(trunk, cfg: Config, train_source, test_source, device) -> dict:
     if cfg.eval.knn.enabled:
         result["knn"] = knn_probe(train, test, classes, cfg.eval.knn)
     return result
+
+
+def probe_protocol(cfg: Config, n_train: int, n_test: int) -> str:
+    linear = cfg.eval.linear
+    bn = ", BatchNorm statistics recomputed on clean train images" if cfg.eval.recompute_bn_stats else ""
+    return (f"frozen trunk in eval mode{bn}; features standardised; Linear(d, classes) trained with SGD "
+            f"momentum 0.9, cosine, {linear.epochs} epochs, batch {linear.batch_size}, sweep base_lr {linear.base_lrs} "
+            f"x weight_decay {linear.weight_decays}; the sweep point is chosen on a validation split "
+            f"({linear.val_fraction:.0%}) carved from the {n_train} train images used, never on the test split; "
+            f"numbers are final-epoch top-1/top-5 (%) on the test split ({n_test} images)")
 
 
 def evaluate_run(cfg: Config, stream=None) -> dict:
@@ -66,14 +77,7 @@ def evaluate_run(cfg: Config, stream=None) -> dict:
     results = {name: probe_trunk(t, cfg, train_source, test_source, device) for name, t in trunks.items()}
     report = {
         "run": cfg.run_dir, "checkpoint": checkpoint, "step": step,
-        "protocol": (f"frozen trunk in eval mode{', BatchNorm statistics recomputed on clean train images' if cfg.eval.recompute_bn_stats else ''}; "
-                     f"features standardised; Linear(d, classes) trained with SGD momentum 0.9, cosine, "
-                     f"{cfg.eval.linear.epochs} epochs, batch {cfg.eval.linear.batch_size}, sweep base_lr "
-                     f"{cfg.eval.linear.base_lrs} x weight_decay {cfg.eval.linear.weight_decays}; the sweep point is "
-                     f"chosen on a validation split ({cfg.eval.linear.val_fraction:.0%}) carved from the {len(train_source)} "
-                     f"train images used, never on "
-                     f"the test split; numbers are final-epoch top-1/top-5 (%) on the test split "
-                     f"({len(test_source)} images)"),
+        "protocol": probe_protocol(cfg, len(train_source), len(test_source)),
         "results": results,
         "label_free": {"first": monitor.get("first", {}), "last": monitor.get("last", {})},
         "seconds": round(time.time() - started, 1),

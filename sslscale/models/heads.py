@@ -42,7 +42,7 @@ class DinoHead(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int, bottleneck: int, n_prototypes: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(),
                                  nn.Linear(hidden, bottleneck))
         self.last_layer = NormalizedLinear(bottleneck, n_prototypes)
 

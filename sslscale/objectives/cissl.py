@@ -48,8 +48,8 @@ class CISSL(Objective):
         super().__init__()
         self.cfg, self.gather = cfg, ctx.gather
         feature_dim = ctx.feature_dim
-        # Student: the same function class as the linear probe (linear + BN).
-        self.student_head = nn.Sequential(nn.Linear(feature_dim, cfg.dim), nn.BatchNorm1d(cfg.dim))
+        # Student: the same function class as the linear probe (linear + BN). No bias: BN removes it.
+        self.student_head = nn.Sequential(nn.Linear(feature_dim, cfg.dim, bias=False), nn.BatchNorm1d(cfg.dim))
         self.teacher_head = mlp(feature_dim, cfg.teacher_hidden, cfg.dim, cfg.teacher_layers, out_norm=True)
 
     def forward(self, features: list[torch.Tensor], step: int, crops=None):

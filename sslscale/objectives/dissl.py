@@ -39,8 +39,8 @@ def dissl_loss(teacher_logits: list[torch.Tensor], student_logits: list[torch.Te
     log_q = [F.log_softmax(s.float() / tau_s, dim=-1) for s in student_logits]
 
     h_marginal = torch.stack([entropy(gather(p).mean(0)) for p in probs]).mean()
-    ce_inv = torch.stack([cross_entropy(probs[k], log_probs[l])
-                          for k in range(n_large) for l in range(n_large) if k != l]).mean()
+    ce_inv = torch.stack([cross_entropy(probs[k], log_probs[other])
+                          for k in range(n_large) for other in range(n_large) if other != k]).mean()
     ce_dst = torch.stack([cross_entropy(probs[k], log_q[j])
                           for k in range(n_large) for j in range(len(log_q)) if j != k]).mean()
     loss = ce_dst - lam * h_marginal + beta * ce_inv

@@ -1,0 +1,175 @@
+"""Process groups from torchrun or SLURM variables, gathers that keep gradients, cross-rank
+BatchNorm, and the data-parallel wrap.
+
+One process per GPU (or per CPU "device" for gloo tests). The global batch of a recipe is split
+evenly over ranks; every collective here is what makes W ranks compute what one process would on
+the whole global batch.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class DistributedSetupError(RuntimeError):
+    """Launcher variables that cannot describe a valid process group."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "none"  # torchrun | slurm | none
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[007-009,012],cpu1' -> 'gpu007'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise DistributedSetupError(f"cannot read a host from SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _int(environ, name: str) -> int:
+    try:
+        return int(environ[name])
+    except (KeyError, ValueError):
+        raise DistributedSetupError(f"environment variable {name}={environ.get(name)!r} is not an integer") from None
+
+
+def read_env(environ=None) -> DistEnv:
+    """Where this process sits: torchrun's variables first, then SLURM's (one task per GPU)."""
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        env = DistEnv(rank=_int(environ, "RANK"), world_size=_int(environ, "WORLD_SIZE"),
+                      local_rank=_int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
+                      master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+                      master_port=int(environ.get("MASTER_PORT", 29500)), launcher="torchrun")
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and _int(environ, "SLURM_NTASKS") > 1:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise DistributedSetupError("SLURM_NTASKS > 1 but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST "
+                                        "is set")
+        job = _int(environ, "SLURM_JOB_ID") if "SLURM_JOB_ID" in environ else 0
+        env = DistEnv(rank=_int(environ, "SLURM_PROCID"), world_size=_int(environ, "SLURM_NTASKS"),
+                      local_rank=_int(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
+                      master_addr=environ.get("MASTER_ADDR") or first_host(nodelist),
+                      # A port per job, so two jobs sharing a node do not collide.
+                      master_port=int(environ.get("MASTER_PORT") or 20000 + job % 20000), launcher="slurm")
+    else:
+        return DistEnv()
+    if not 0 <= env.rank < env.world_size:
+        raise DistributedSetupError(f"{env.launcher}: rank {env.rank} is outside world size {env.world_size}")
+    if env.local_rank < 0 or env.local_rank > env.rank:
+        raise DistributedSetupError(f"{env.launcher}: local rank {env.local_rank} is impossible for rank {env.rank}")
+    if torch.cuda.is_available() and env.local_rank >= torch.cuda.device_count():
+        raise DistributedSetupError(f"{env.launcher}: local rank {env.local_rank} but only "
+                                    f"{torch.cuda.device_count()} GPUs are visible on this node")
+    return env
+
+
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: float) -> None:
+    """NCCL for GPUs, gloo for CPUs; collectives time out instead of blocking forever."""
+    if not env.is_distributed or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
+                            world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class AllGatherWithGrad:
+    """Concatenates a tensor over ranks (rank order). The backward sums every rank's gradient of
+    the gathered rows onto the rank that owns them (torch.distributed.nn's all_gather), so with
+    gradients averaged over ranks each rank gets the gradient of the global objective."""
+
+    def __init__(self):
+        self.rank = dist.get_rank()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_gather
+        return torch.cat(all_gather(x.contiguous()))
+
+
+class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics cover the global batch, for CPU process groups (torch's
+    SyncBatchNorm runs only on GPUs). Sums, sums of squares and counts are all-reduced with a
+    differentiable all_reduce, so outputs and gradients match one process on the whole batch."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        dims = [0] + list(range(2, x.dim()))
+        channels = x.shape[1]
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        count = torch.full((1,), x.numel() / channels, dtype=x.dtype, device=x.device)
+        # Two passes (mean, then centred squares) match torch's BatchNorm numerics; E[x^2] - mean^2 does not.
+        sums = all_reduce(torch.cat([x.sum(dims), count]))
+        total = sums[-1]
+        mean = sums[:channels] / total
+        centred = x - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / total
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                unbiased = var.detach() * total / (total - 1)
+                self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        out = centred * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def convert_to_cross_rank_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm{1,2,3}d -> CrossRankBatchNorm. The parameter and buffer objects themselves move
+    over (not copies), so requires_grad (e.g. of a frozen EMA teacher) and any references stay intact."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossRankBatchNorm):
+        converted = CrossRankBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                       module.track_running_stats)
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        if module.track_running_stats:
+            converted.running_mean, converted.running_var = module.running_mean, module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_to_cross_rank_batchnorm(child))
+    return module
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return convert_to_cross_rank_batchnorm(module)

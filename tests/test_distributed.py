@@ -1,0 +1,141 @@
+"""W processes on gloo must compute what one process computes on the same global batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sslscale.config import ConfigError, load_config
+from sslscale.distributed import DistEnv, DistributedSetupError, first_host, read_env
+from sslscale.train import pretrain
+from tests.conftest import tiny_overrides
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, overrides):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    pretrain(load_config(None, overrides))
+
+
+def run_world(world, overrides):
+    """Like torchrun: `world` processes with RANK / WORLD_SIZE / MASTER_* set."""
+    mp.start_processes(_rank_main, args=(world, free_port(), overrides), nprocs=world, join=True,
+                       start_method="spawn")
+
+
+def losses(run_dir):
+    events = EventAccumulator(os.path.join(run_dir, "tb"))
+    events.Reload()
+    return [e.value for e in events.Scalars("loss/loss")]
+
+
+# SGD at a small lr, and DINO with soft temperatures: at these settings one process's own float32
+# noise floor (measured by changing only the memory layout) stays below 1e-6 on the parameters after
+# 3 steps, while the steps still move them by 1e-3 or more. Sharper settings (DINO's tau_t 0.04, LARS
+# at init) amplify rounding differences of a single process past 1e-2 within 3 steps, which would make
+# any comparison meaningless.
+OBJECTIVES = {
+    "dissl": ["objective.name=dissl", "optim.base_lr=0.005"],
+    "cissl": ["objective.name=cissl", "optim.base_lr=0.005"],
+    "simclr": ["objective.name=simclr", "optim.base_lr=0.002"],
+    "dino": ["objective.name=dino", "optim.base_lr=0.002",
+             "data.crops=[{size: 8, count: 2}, {size: 4, count: 2, scale: [0.2, 0.5]}]",
+             "objective.dino.freeze_last_layer_epochs=0", "objective.dino.tau_t_start=0.5",
+             "objective.dino.tau_t_end=0.5", "objective.dino.tau_s=1.0"],
+}
+STEPS = ["optim.name=sgd", "optim.warmup_epochs=0", "train.max_steps=3",
+         "checkpoint.every_steps=1", "checkpoint.keep=3"]
+
+
+def checkpoint(run_dir, step):
+    return torch.load(os.path.join(run_dir, "ckpt", f"step_{step:09d}", "state.pt"), weights_only=False)
+
+
+def parameter_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def gradients_that_differ(a, b, rtol=1e-4, atol=1e-5):
+    """Tensors whose gradients differ beyond allclose(rtol, atol), per tensor. After one SGD step the
+    momentum buffer is the gradient itself. atol matters for DINO: its teacher starts as a copy of
+    the student, so the first gradients are small differences of nearly equal terms."""
+    pairs = zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
+    return [i for i, (x, y) in enumerate(pairs)
+            if (x["momentum_buffer"] - y["momentum_buffer"]).abs().max()
+            > rtol * x["momentum_buffer"].abs().max() + atol]
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_ddp_on_2_and_4_ranks_matches_one_process(tmp_path, objective):
+    common = [*OBJECTIVES[objective], *STEPS]
+    reference = load_config(None, tiny_overrides(tmp_path / "w1", *common))
+    pretrain(reference)
+    first, last = checkpoint(reference.run_dir, 1), checkpoint(reference.run_dir, 3)
+    assert parameter_difference(first["model"], last["model"]) > 100 * 1e-5  # the steps move the weights
+    for world in (2, 4):
+        overrides = tiny_overrides(tmp_path / f"w{world}", *common)
+        run_world(world, overrides)
+        run_dir = load_config(None, overrides).run_dir
+        # Relative: SimCLR's step-3 loss (about 8) moves by 4e-6 relative in one process when only the memory
+        # layout changes; ranks add the rounding of the gradient all-reduce on top.
+        assert losses(run_dir) == pytest.approx(losses(reference.run_dir), rel=5e-5), f"{world} ranks: losses"
+        assert gradients_that_differ(checkpoint(run_dir, 1), first) == [], f"{world} ranks: gradients"
+        assert parameter_difference(checkpoint(run_dir, 3)["model"], last["model"]) < 1e-5, \
+            f"{world} ranks: parameters after 3 steps"
+
+
+def test_batchnorm_conversion_keeps_parameters_and_frozen_state():
+    from sslscale.distributed import CrossRankBatchNorm, convert_to_cross_rank_batchnorm
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    frozen = torch.nn.BatchNorm1d(3)
+    frozen.weight.requires_grad_(False)
+    weight = net[1].weight
+    net = convert_to_cross_rank_batchnorm(net)
+    frozen = convert_to_cross_rank_batchnorm(frozen)
+    assert isinstance(net[1], CrossRankBatchNorm) and net[1].weight is weight
+    assert isinstance(frozen, CrossRankBatchNorm) and not frozen.weight.requires_grad
+
+
+def test_torchrun_and_slurm_variables():
+    assert read_env({}) == DistEnv()
+    env = read_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (3, 8, 3, "n1", 1234)
+    slurm = read_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+                      "SLURM_JOB_NODELIST": "gpu[007-008]"})
+    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr, slurm.launcher) == \
+        (9, 16, 1, "gpu007", "slurm")
+    assert slurm.master_port == 20000 + 4242
+    assert read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == DistEnv()  # one task: no process group
+
+
+@pytest.mark.parametrize("environ, needle", [
+    ({"RANK": "4", "WORLD_SIZE": "4"}, "rank 4 is outside world size 4"),
+    ({"RANK": "x", "WORLD_SIZE": "4"}, "RANK='x' is not an integer"),
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, "neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST"),
+])
+def test_inconsistent_launcher_variables_are_named(environ, needle):
+    with pytest.raises(DistributedSetupError, match=needle):
+        read_env(environ)
+
+
+def test_first_host_of_slurm_node_lists():
+    assert first_host("node1") == "node1"
+    assert first_host("gpu[007-009,012],cpu1") == "gpu007"
+    assert first_host("a-b[3,5]") == "a-b3"
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="global batch 32 does not split evenly over 3 ranks"):
+        pretrain(load_config(None, tiny_overrides(tmp_path)))
+    assert not os.path.exists(tmp_path / "tiny")
