@@ -8,6 +8,7 @@ dropped at an epoch end, and the whole sampler state is the number of samples co
 """
 from __future__ import annotations
 
+import abc
 import gzip
 import os
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ class UnreadableImage(Exception):
     """An image that exists in the index but cannot be decoded (truncated, not an image, ...)."""
 
 
-class ImageSource:
+class ImageSource(abc.ABC):
     """Indexable images with labels. Subclasses set `labels`, `classes` and implement `load`."""
 
     labels: torch.Tensor
@@ -38,9 +39,9 @@ class ImageSource:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @abc.abstractmethod
     def load(self, index: int) -> torch.Tensor:
         """The image as uint8 [3, H, W] (grayscale is repeated to three channels)."""
-        raise NotImplementedError
 
 
 class ArraySource(ImageSource):

@@ -12,6 +12,7 @@ import os
 import sys
 
 from sslscale.checkpoint import CheckpointMismatch
+from sslscale.distributed import DistributedSetupError
 
 EXIT_USER_ERROR = 2
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointMismatch, FileNotFoundError, FileExistsError) as error:
+    except (ConfigError, CheckpointMismatch, DistributedSetupError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except StoppedForRequeue as stop:

@@ -82,10 +82,17 @@ def read_env(environ=None) -> DistEnv:
         raise DistributedSetupError(f"{env.launcher}: rank {env.rank} is outside world size {env.world_size}")
     if env.local_rank < 0 or env.local_rank > env.rank:
         raise DistributedSetupError(f"{env.launcher}: local rank {env.local_rank} is impossible for rank {env.rank}")
-    if torch.cuda.is_available() and env.local_rank >= torch.cuda.device_count():
-        raise DistributedSetupError(f"{env.launcher}: local rank {env.local_rank} but only "
-                                    f"{torch.cuda.device_count()} GPUs are visible on this node")
     return env
+
+
+def local_gpu_index(local_rank: int) -> int:
+    """This process's GPU: the only one it sees (SLURM's --gpus-per-task=1 binding), else its local rank."""
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise DistributedSetupError(f"local rank {local_rank} but only {visible} GPUs are visible to this process")
+    return local_rank
 
 
 def init_process_group(env: DistEnv, device: torch.device, timeout_s: float) -> None:

@@ -24,8 +24,8 @@ from data_pipelines.sources import build_source
 from data_pipelines.torchvision import multicrop_loader
 from sslscale.checkpoint import Checkpointer, check_signature
 from sslscale.config import Config, ConfigError, dump_config, load_config
-from sslscale.distributed import (AllGatherWithGrad, DistEnv, destroy_process_group, init_process_group, read_env,
-                                  sync_batchnorm)
+from sslscale.distributed import (AllGatherWithGrad, DistEnv, destroy_process_group, init_process_group,
+                                  local_gpu_index, read_env, sync_batchnorm)
 from sslscale.models import build_trunk, encode_crops
 from sslscale.monitor import Monitor
 from sslscale.objectives import ObjectiveContext, build_objective
@@ -120,8 +120,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(["train.device: 'cuda' but no CUDA device is available; use auto or cpu"])
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_gpu_index(local_rank)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(name)
 
 

@@ -1,12 +1,15 @@
 """W processes on gloo must compute what one process computes on the same global batch."""
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from sslscale.checkpoint import Checkpointer
 from sslscale.config import ConfigError, load_config
 from sslscale.distributed import DistEnv, DistributedSetupError, first_host, read_env
 from sslscale.train import pretrain
@@ -139,3 +142,17 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, 
     with pytest.raises(ConfigError, match="global batch 32 does not split evenly over 3 ranks"):
         pretrain(load_config(None, tiny_overrides(tmp_path)))
     assert not os.path.exists(tmp_path / "tiny")
+
+
+def test_pretrain_runs_under_torchrun(tmp_path):
+    """The real launcher, as the README gives it: torchrun -m sslscale.cli pretrain ..."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "sslscale.cli", "pretrain",
+         os.path.join(repo, "configs", "quickstart.yaml"), *tiny_overrides(tmp_path), "train.max_steps=2",
+         "eval.after_pretrain=false"],
+        cwd=repo, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("step 2/2") == 1  # only rank 0 prints
+    assert Checkpointer(str(tmp_path / "tiny"), 2).load_latest()[1] == "step_000000002"

@@ -172,6 +172,9 @@ def test_cli_reports_bad_input_without_a_traceback_and_writes_nothing(tmp_path):
                      f"data.path={tmp_path}/missing", f"run.root={tmp_path}/runs")
     assert result.returncode == 2 and f"data.path: {tmp_path}/missing/train does not exist" in result.stderr
     assert not os.path.exists(tmp_path / "runs")
+    result = run_cli("pretrain", os.path.join(REPO, "configs", "quickstart.yaml"), f"run.root={tmp_path}",
+                     env={**os.environ, "RANK": "5", "WORLD_SIZE": "2"})
+    assert result.returncode == 2 and "rank 5 is outside world size 2" in result.stderr
 
 
 def test_sigterm_stops_at_a_step_boundary_saves_and_exits_for_requeue(tmp_path):
