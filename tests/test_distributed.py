@@ -156,3 +156,87 @@ def test_pretrain_runs_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("step 2/2") == 1  # only rank 0 prints
     assert Checkpointer(str(tmp_path / "tiny"), 2).load_latest()[1] == "step_000000002"
+
+
+def torchrun_pretrain(tmp_path, *overrides):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2",
+            "-m", "sslscale.cli", "pretrain", os.path.join(repo, "configs", "quickstart.yaml"),
+            *tiny_overrides(tmp_path), "eval.after_pretrain=false", *overrides], repo
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun's workers do not share its process group)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        tree.append(current)
+        frontier += children.get(current, [])
+    return tree
+
+
+def test_sigkill_at_a_random_step_then_resume_reaches_the_uninterrupted_weights(tmp_path):
+    """Two ranks, killed without warning mid-epoch; rerunning the command resumes from the last
+    checkpoint and ends bit for bit where an uninterrupted run ends."""
+    import random
+    import signal
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["train.max_steps=40", "checkpoint.every_steps=2", "checkpoint.keep=50"]
+    command, repo = torchrun_pretrain(tmp_path / "straight", *common)
+    assert subprocess.run(command, cwd=repo, env=env, capture_output=True, timeout=300).returncode == 0
+    kill_after = random.Random(os.getpid()).randint(3, 7)
+    command, repo = torchrun_pretrain(tmp_path / "killed", *common)
+    process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    for line in process.stdout:
+        if line.startswith(f"step {kill_after}/"):
+            for pid in process_tree(process.pid):  # torchrun and both ranks, no chance to save
+                os.kill(pid, signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    saved = Checkpointer(str(tmp_path / "killed" / "tiny"), 50).complete()
+    assert saved and int(saved[-1].split("_")[1]) < 40  # killed mid-run
+    resumed = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and f"from {saved[-1]}" in resumed.stdout
+    straight = Checkpointer(str(tmp_path / "straight" / "tiny"), 50).load_latest()[0]
+    again = Checkpointer(str(tmp_path / "killed" / "tiny"), 50).load_latest()[0]
+    assert again["progress"]["step"] == straight["progress"]["step"] == 40
+    for key, value in straight["model"].items():
+        assert torch.equal(value, again["model"][key]), key
+
+
+def _rank_main_until_stopped(rank, world, port, overrides):
+    from sslscale.train import EXIT_STOPPED_FOR_REQUEUE, StoppedForRequeue
+    try:
+        _rank_main(rank, world, port, overrides)
+    except StoppedForRequeue:
+        sys.exit(EXIT_STOPPED_FOR_REQUEUE)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path):
+    import signal
+    import time
+    from sslscale.train import EXIT_STOPPED_FOR_REQUEUE
+    overrides = tiny_overrides(tmp_path, "train.epochs=50", "checkpoint.every_steps=1000000")
+    context = mp.start_processes(_rank_main_until_stopped, args=(2, free_port(), overrides), nprocs=2,
+                                 join=False, start_method="spawn")
+    events = tmp_path / "tiny" / "tb"
+    deadline = time.time() + 120
+    while not (events.exists() and any(events.iterdir())) and time.time() < deadline:
+        time.sleep(0.5)  # the event file appears when the first step starts
+    time.sleep(2)
+    os.kill(context.processes[1].pid, signal.SIGTERM)  # rank 1 only, as a partial pre-emption would
+    for process in context.processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in context.processes] == [EXIT_STOPPED_FOR_REQUEUE] * 2
+    saved = Checkpointer(str(tmp_path / "tiny"), 2).complete()
+    assert len(saved) == 1 and int(saved[0].split("_")[1]) >= 1
