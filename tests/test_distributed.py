@@ -55,8 +55,8 @@ OBJECTIVES = {
              "objective.dino.freeze_last_layer_epochs=0", "objective.dino.tau_t_start=0.5",
              "objective.dino.tau_t_end=0.5", "objective.dino.tau_s=1.0"],
 }
-STEPS = ["optim.name=sgd", "optim.warmup_epochs=0", "train.max_steps=3",
-         "checkpoint.every_steps=1", "checkpoint.keep=3"]
+SGD = ["optim.name=sgd", "optim.warmup_epochs=0"]
+STEPS = [*SGD, "train.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep=3"]
 
 
 def checkpoint(run_dir, step):
@@ -240,3 +240,28 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_one_checkpo
     assert [p.exitcode for p in context.processes] == [EXIT_STOPPED_FOR_REQUEUE] * 2
     saved = Checkpointer(str(tmp_path / "tiny"), 2).complete()
     assert len(saved) == 1 and int(saved[0].split("_")[1]) >= 1
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 4)])
+def test_a_checkpoint_saved_on_w_ranks_resumes_on_another_number_of_ranks(tmp_path, before, after):
+    """One rank-0 file and a schedule in samples: the run continues where it was, lr included."""
+    common = [*OBJECTIVES["dissl"], *SGD, "checkpoint.every_steps=1", "checkpoint.keep=6"]
+    reference = load_config(None, tiny_overrides(tmp_path / "reference", *common, "train.max_steps=6"))
+    pretrain(reference)
+
+    def run(world, steps):
+        overrides = tiny_overrides(tmp_path / "moved", *common, f"train.max_steps={steps}")
+        if world == 1:
+            pretrain(load_config(None, overrides))
+        else:
+            run_world(world, overrides)
+
+    run(before, 3)
+    run(after, 6)
+    moved = str(tmp_path / "moved" / "tiny")
+    assert parameter_difference(checkpoint(moved, 6)["model"], checkpoint(reference.run_dir, 6)["model"]) < 1e-5
+    events = [EventAccumulator(os.path.join(d, "tb")) for d in (moved, reference.run_dir)]
+    for e in events:
+        e.Reload()
+    learning_rates = [[(s.step, s.value) for s in e.Scalars("opt/lr")] for e in events]
+    assert learning_rates[0] == learning_rates[1] and [s for s, _ in learning_rates[0]] == [1, 2, 3, 4, 5, 6]
