@@ -19,11 +19,13 @@ EXIT_USER_ERROR = 2
 
 def _pretrain(args) -> int:
     from sslscale.config import load_config
+    from sslscale.distributed import read_env
     from sslscale.eval.run import evaluate_run
     from sslscale.train import pretrain
     cfg = load_config(args.config, args.overrides)
     pretrain(cfg)
-    if cfg.eval.after_pretrain:
+    # The probe is a single-process job on the frozen trunk: under torchrun / srun only rank 0 runs it.
+    if cfg.eval.after_pretrain and read_env().is_main:
         evaluate_run(cfg)
     return 0
 

@@ -151,10 +151,11 @@ def test_pretrain_runs_under_torchrun(tmp_path):
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node=2", "-m", "sslscale.cli", "pretrain",
          os.path.join(repo, "configs", "quickstart.yaml"), *tiny_overrides(tmp_path), "train.max_steps=2",
-         "eval.after_pretrain=false"],
+         "eval.after_pretrain=true", "eval.train_images=300", "eval.compare_random_init=false"],
         cwd=repo, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("step 2/2") == 1  # only rank 0 prints
+    assert result.stdout.count("eval/linear.json") == 1  # and only rank 0 probes
     assert Checkpointer(str(tmp_path / "tiny"), 2).load_latest()[1] == "step_000000002"
 
 
