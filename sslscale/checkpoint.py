@@ -1,9 +1,14 @@
 """Checkpoints in a run folder: atomic, marked complete, newest-first fallback, keep-last-k.
 
-ckpt/step_000001000/state.pt + COMPLETE   one checkpoint; written under a temp name in the same
-                                          folder, then renamed, so a crash never leaves a
-                                          half-written checkpoint under a real name
+ckpt/step_000001000/state.pt + COMPLETE   one checkpoint of an unsharded run (rank 0 writes it)
+ckpt/step_000001000/*.distcp, .metadata,  one checkpoint of a sharded (FSDP) run: each rank writes
+                    extra.pt + COMPLETE   its shards, rank 0 the metadata and the small parts
 ckpt/latest                               name of the newest complete checkpoint
+
+Either kind is written under a temp name in the same folder, then renamed and marked, so a crash
+never leaves a half-written checkpoint under a real name. Both kinds hold the same state: "model"
+and "optimizer" (keyed by parameter names, as torch.distributed.checkpoint.state_dict gives them)
+and small parts (progress, RNG, ...); `load_full` reads either kind in one process.
 """
 from __future__ import annotations
 
@@ -14,11 +19,16 @@ import shutil
 import time
 
 import torch
+import torch.distributed as dist
+
+from sslscale import dcp_io
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 STATE_FILE = "state.pt"
+SMALL_PARTS_FILE = "extra.pt"  # a sharded checkpoint's unsharded parts (progress, RNG, monitor, ...)
+SHARDED_PARTS = ("model", "optimizer")
 
 
 class CheckpointMismatch(ValueError):
@@ -46,6 +56,7 @@ class Checkpointer:
     def __init__(self, run_dir: str, keep: int):
         self.dir = os.path.join(run_dir, "ckpt")
         self.keep = keep
+        self.pending: PendingWrite | None = None
 
     @staticmethod
     def name(step: int) -> str:
@@ -60,18 +71,64 @@ class Checkpointer:
         return sorted(names)
 
     def save(self, step: int, state: dict) -> str:
+        """One file, written by one process (rank 0 of an unsharded run)."""
         name = self.name(step)
         final = os.path.join(self.dir, name)
         if os.path.exists(os.path.join(final, MARKER)):
             return final  # this step is already saved (e.g. a stop signal right after a periodic save)
+        tmp = self._fresh_temp(name, os.getpid())
+        _save_file(state, os.path.join(tmp, STATE_FILE))
+        return self._commit(tmp, name, step)
+
+    def save_sharded(self, step: int, shards: dict, small: dict, *, is_main: bool, async_group=None) -> None:
+        """Collective: every rank passes its shards of "model" and "optimizer"; rank 0's `small` parts
+        are kept. With `async_group` the shards are written in the background and the checkpoint is
+        committed later (finish_pending); at most one such write is in flight."""
+        self.finish_pending(wait=True)
+        name = self.name(step)
+        # Rank 0 decides and tells the others, so all take the same branch and the same temp name.
+        decision = [None if os.path.exists(os.path.join(self.dir, name, MARKER)) else os.getpid()] \
+            if is_main else [None]
+        dist.broadcast_object_list(decision, src=0)
+        if decision[0] is None:
+            return
+        if is_main:
+            tmp = self._fresh_temp(name, decision[0])
+            _save_file(small, os.path.join(tmp, SMALL_PARTS_FILE))
+        tmp = self._temp_path(name, decision[0])
+        dist.barrier()  # the temp folder exists and holds no leftovers before anyone writes into it
+        if async_group is None:
+            dcp_io.save(shards, tmp)
+            if is_main:
+                self._commit(tmp, name, step)
+            dist.barrier()
+        else:
+            self.pending = PendingWrite(dcp_io.async_save(shards, tmp, async_group), tmp, name, step, is_main)
+
+    def finish_pending(self, wait: bool) -> None:
+        """Commits a background write once it is done (rank 0's write finishes last: DCP writes the
+        metadata after every rank's shards). With wait=False, returns at once if it is still running."""
+        pending = self.pending
+        if pending is None or not (wait or pending.future.done()):
+            return
+        self.pending = None
+        pending.future.result()  # a failed write raises here
+        if pending.is_main:
+            self._commit(pending.tmp, pending.name, pending.step)
+
+    def _temp_path(self, name: str, token: int) -> str:
+        return os.path.join(self.dir, f".tmp-{name}-{token}")
+
+    def _fresh_temp(self, name: str, token: int) -> str:
         os.makedirs(self.dir, exist_ok=True)
-        tmp = os.path.join(self.dir, f".tmp-{name}-{os.getpid()}")
+        tmp = self._temp_path(name, token)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        with open(os.path.join(tmp, STATE_FILE), "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        return tmp
+
+    def _commit(self, tmp: str, name: str, step: int) -> str:
+        """Marks a fully written temp folder complete and gives it its real name."""
+        final = os.path.join(self.dir, name)
         _write_atomic(os.path.join(tmp, MARKER), json.dumps({"step": step, "time": time.time()}))
         shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of an earlier crash
         os.rename(tmp, final)
@@ -88,8 +145,8 @@ class Checkpointer:
             if leftover.startswith(".tmp-") and not leftover.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(os.path.join(self.dir, leftover), ignore_errors=True)
 
-    def load_latest(self, map_location="cpu") -> tuple[dict, str] | None:
-        """The newest checkpoint that loads, falling back past corrupt ones (with a warning)."""
+    def newest_first(self) -> list[str]:
+        """Complete checkpoints to try, newest first (the one `latest` names leads)."""
         candidates = list(reversed(self.complete()))
         latest_file = os.path.join(self.dir, "latest")
         if os.path.exists(latest_file):
@@ -98,13 +155,45 @@ class Checkpointer:
             if named in candidates:
                 candidates.remove(named)
                 candidates.insert(0, named)
-        for name in candidates:
-            path = os.path.join(self.dir, name, STATE_FILE)
+        return candidates
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def is_sharded(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.dir, name, dcp_io.METADATA_FILE))
+
+    def load_small_parts(self, name: str) -> dict:
+        return torch.load(os.path.join(self.dir, name, SMALL_PARTS_FILE), map_location="cpu", weights_only=False)
+
+    def load_full(self, name: str, model_only: bool = False) -> dict:
+        """The whole state of a checkpoint of either kind, full tensors on the CPU, in this process."""
+        if not self.is_sharded(name):
+            return torch.load(os.path.join(self.dir, name, STATE_FILE), map_location="cpu", weights_only=False)
+        state = self.load_small_parts(name)
+        state.update(dcp_io.read_full(self.path(name), prefix="model." if model_only else ""))
+        return state
+
+    def load_latest(self, model_only: bool = False) -> tuple[dict, str] | None:
+        """The newest checkpoint that loads, falling back past corrupt ones (with a warning)."""
+        for name in self.newest_first():
             try:
-                return torch.load(path, map_location=map_location, weights_only=False), name
+                return self.load_full(name, model_only), name
             except Exception as error:  # noqa: BLE001  any unreadable file means: try an older one
-                log.warning("checkpoint %s is unreadable (%s); falling back to an older one", path, error)
+                log.warning("checkpoint %s is unreadable (%s); falling back to an older one", self.path(name), error)
         return None
+
+
+class PendingWrite:
+    def __init__(self, future, tmp: str, name: str, step: int, is_main: bool):
+        self.future, self.tmp, self.name, self.step, self.is_main = future, tmp, name, step, is_main
+
+
+def _save_file(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def trunk_state(model_state: dict) -> dict:

@@ -12,7 +12,7 @@ import os
 import sys
 
 from sslscale.checkpoint import CheckpointMismatch
-from sslscale.distributed import DistributedSetupError
+from sslscale.distributed import DistributedSetupError, RankFailure
 
 EXIT_USER_ERROR = 2
 
@@ -50,7 +50,7 @@ def _export(args) -> int:
     from sslscale.checkpoint import Checkpointer, trunk_state
     from sslscale.config import ConfigError
     cfg = _run_config(args.run_dir, [])
-    restored = Checkpointer(cfg.run_dir, cfg.checkpoint.keep).load_latest()
+    restored = Checkpointer(cfg.run_dir, cfg.checkpoint.keep).load_latest(model_only=True)
     if restored is None:
         raise ConfigError([f"run folder {args.run_dir} has no complete checkpoint to export"])
     state, name = restored
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except StoppedForRequeue as stop:
         print(str(stop), file=sys.stderr)
         return EXIT_STOPPED_FOR_REQUEUE
-    except TooManyNonFiniteLosses as error:
+    except (TooManyNonFiniteLosses, RankFailure) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

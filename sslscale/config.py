@@ -21,7 +21,7 @@ BACKBONES = ("resnet18", "resnet50")
 OBJECTIVES = ("dissl", "cissl", "simclr", "dino")
 OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
-STRATEGIES = ("ddp",)
+STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -140,7 +140,7 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    strategy: str = "ddp"
+    strategy: str = "ddp"  # ddp: every rank holds all weights; fsdp: weights and optimizer state sharded (FSDP2)
     timeout_s: float = 600  # a collective waiting longer fails (naming the rank) instead of hanging
 
 
@@ -148,6 +148,9 @@ class DistConfig:
 class CheckpointConfig:
     every_steps: int = 1000
     keep: int = 3
+    # Sharded (fsdp) runs only: write shards in the background while training goes on. A crash then loses
+    # at most the last interval plus the time one write takes.
+    async_save: bool = False
 
 
 @dataclass

@@ -22,14 +22,16 @@ from torch import nn
 
 from data_pipelines.sources import build_source
 from data_pipelines.torchvision import multicrop_loader
-from sslscale.checkpoint import Checkpointer, check_signature
+from sslscale import dcp_io
+from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signature
 from sslscale.config import Config, ConfigError, dump_config, load_config
-from sslscale.distributed import (AllGatherWithGrad, DistEnv, destroy_process_group, init_process_group,
-                                  local_gpu_index, read_env, sync_batchnorm)
+from sslscale.distributed import (AllGatherWithGrad, DistEnv, PeerWatch, RankFailure, destroy_process_group,
+                                  init_process_group, is_collective_failure, local_gpu_index, read_env)
 from sslscale.models import build_trunk, encode_crops
 from sslscale.monitor import Monitor
 from sslscale.objectives import ObjectiveContext, build_objective
 from sslscale.optim import WarmupCosine, build_optimizer, peak_lr
+from sslscale.parallel import is_sharded, prepare_batchnorm, wrap_for_training
 
 # Exit status of a run that stopped on SIGTERM / SIGUSR2 after saving a checkpoint: the launcher
 # requeues on it and treats any other non-zero status as a failure (75 is EX_TEMPFAIL).
@@ -207,7 +209,8 @@ class Trainer:
                                f"({len(self.source)} images)"])
         self.device = resolve_device(cfg.train.device, self.env.local_rank)
         self.layout = memory_format(cfg.train)
-        init_process_group(self.env, self.device, cfg.dist.timeout_s)
+        store = init_process_group(self.env, self.device, cfg.dist.timeout_s)
+        self.peers = PeerWatch(self.env, store) if store is not None else None
         self.agree = RankAgreement(self.env, self.device)
         if self.env.is_main:
             dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
@@ -220,16 +223,14 @@ class Trainer:
         gather = AllGatherWithGrad() if self.env.is_distributed else None
         core = build_model(cfg, steps_per_epoch=len(self.source) / self.global_batch, total_steps=total_steps,
                            gather=gather)
-        if self.env.is_distributed:
-            core = sync_batchnorm(core, self.device)
-        # `core` is the model itself (saved, evaluated); `model` is what runs the step (maybe DDP-wrapped).
-        self.core = core.to(self.device, memory_format=self.layout)
-        self.model = self.core
-        if self.env.is_distributed:
-            # SyncBN keeps buffers equal on all ranks, so DDP need not broadcast them every step.
-            self.model = nn.parallel.DistributedDataParallel(
-                self.core, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+        # `core` is the model itself (saved, evaluated); `model` runs the step (DDP-wrapped, or `core` itself
+        # sharded in place by FSDP). The optimizer is built last: under FSDP it must see the sharded parameters.
+        # FSDP shards only contiguous parameters; its convolutions still run channels_last, following the inputs.
+        fsdp = self.env.is_distributed and cfg.dist.strategy == "fsdp"
+        weight_layout = torch.contiguous_format if fsdp else self.layout
+        self.core = prepare_batchnorm(core, self.env, self.device).to(self.device, memory_format=weight_layout)
+        self.model = wrap_for_training(self.core, cfg.dist.strategy, self.env, self.device, cfg.train.precision)
+        self.sharded = is_sharded(self.core)
         self.optimizer = build_optimizer(self.core, cfg.optim, self.global_batch)
         self.schedule = WarmupCosine(peak_lr(cfg.optim, self.global_batch),
                                      int(cfg.optim.warmup_epochs * len(self.source)), total_samples,
@@ -237,30 +238,97 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.progress = Progress()
         self.checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep)
+        # Background checkpoint writes talk over a gloo group of their own, never over the step's group.
+        self.async_group = (torch.distributed.new_group(backend="gloo")
+                            if self.sharded and cfg.checkpoint.async_save else None)
         self.monitor = Monitor(cfg.run_dir, end_step=self.end_step, samples_per_epoch=len(self.source),
                                global_batch=self.global_batch, log_every=cfg.train.log_every_steps,
                                enabled=self.env.is_main, reduce=self.agree.mean, stream=self.stream)
-        # Everything a checkpoint holds; each part restores itself through load_state_dict().
-        self.stateful = {"model": self.core, "optimizer": self.optimizer, "scaler": self.scaler,
-                         "progress": self.progress, "monitor": self.monitor, "rng": RNGStates()}
+        # Besides model and optimizer, what a checkpoint holds; each part restores itself through load_state_dict().
+        self.small_parts = {"scaler": self.scaler, "progress": self.progress, "monitor": self.monitor}
+        self.rng = RNGStates()
 
     def restore(self) -> None:
-        restored = self.checkpointer.load_latest()
-        if restored is None:
+        """Resume from the newest checkpoint that reads; fall back past unreadable ones. If there are
+        checkpoints and none reads, stop: starting over would overwrite a run someone paid for."""
+        names = self.checkpointer.newest_first()
+        for name in names:
+            try:
+                state = self._read(name)
+            except CheckpointMismatch:
+                raise
+            except Exception as error:  # noqa: BLE001  an unreadable checkpoint: try an older one
+                if self.env.is_main:
+                    print(f"checkpoint {name} is unreadable ({type(error).__name__}: {error}); trying an older one",
+                          file=self.stream, flush=True)
+                continue
+            self._apply(*state)
+            if self.env.is_main:
+                print(f"resumed {self.cfg.run_dir} from {name} (step {self.progress.step})", file=self.stream,
+                      flush=True)
             return
-        state, name = restored
-        check_signature(state["shape_signature"], self.cfg.shape_signature(), f"checkpoint {name}")
-        for key, part in self.stateful.items():
-            part.load_state_dict(state[key])
-        if self.env.is_main:
-            print(f"resumed {self.cfg.run_dir} from {name} (step {self.progress.step})", file=self.stream, flush=True)
+        if names:
+            raise RuntimeError(f"none of the {len(names)} checkpoints in {self.checkpointer.dir} can be read; "
+                               "move them away to start this run over")
+
+    def _read(self, name: str) -> tuple[dict, dict, dict, bool]:
+        """(model state, optimizer state, small parts, whether the states are full tensors) of either kind
+        of checkpoint, for either kind of run: shards reshard onto any number of ranks, a single file
+        loads into sharded parameters, shards consolidate into an unsharded run."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        ckpt = self.checkpointer
+        if not (ckpt.is_sharded(name) and self.sharded):
+            full = ckpt.load_full(name)
+            check_signature(full["shape_signature"], self.cfg.shape_signature(), f"checkpoint {name}")
+            return full["model"], full["optimizer"], full, True
+        small = ckpt.load_small_parts(name)
+        check_signature(small["shape_signature"], self.cfg.shape_signature(), f"checkpoint {name}")
+        model_state, optim_state = get_state_dict(self.core, self.optimizer)
+        saved = dcp_io.saved_keys(ckpt.path(name))
+        missing = [k for k in model_state if f"model.{k}" not in saved]
+        if missing:
+            raise CheckpointMismatch(f"checkpoint {name} lacks model entries: {', '.join(missing[:5])}")
+        # Partial: the optimizer template holds state for every parameter, the checkpoint only for those
+        # that had gradients (DINO's last layer stays frozen at first); keep only what was saved.
+        dcp_io.load_into({"model": model_state, "optimizer": optim_state}, ckpt.path(name), allow_partial=True)
+        optim_state["state"] = {k: v for k, v in optim_state["state"].items()
+                                if any(key.startswith(f"optimizer.state.{k}.") for key in saved)}
+        return model_state, optim_state, small, False
+
+    def _apply(self, model_state: dict, optim_state: dict, small: dict, full: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        # Full tensors into a sharded model: each rank keeps its own shard of them.
+        set_model_state_dict(self.core, model_state, options=StateDictOptions(full_state_dict=full and self.sharded))
+        # Not strict: parameters without gradients so far (a frozen last layer) have no optimizer state.
+        set_optimizer_state_dict(self.core, self.optimizer, optim_state,
+                                 options=StateDictOptions(full_state_dict=full and self.sharded, strict=False))
+        for key, part in self.small_parts.items():
+            part.load_state_dict(small[key])
+        rng = small["rng"]  # one state per rank; a run resumed on more ranks reuses them cyclically
+        self.rng.load_state_dict(rng[self.env.rank % len(rng)])
+
+    def rng_of_every_rank(self) -> list[dict]:
+        if not self.env.is_distributed:
+            return [self.rng.state_dict()]
+        states = [None] * self.env.world_size
+        torch.distributed.all_gather_object(states, self.rng.state_dict())
+        return states
 
     def save(self) -> None:
-        """Rank 0 writes one file (data parallel: every rank holds the same state)."""
+        """Unsharded: rank 0 writes one file (every rank holds the same state). Sharded (FSDP): every rank
+        writes its shards, maybe in the background (checkpoint.async_save)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_state, optim_state = get_state_dict(self.core, self.optimizer)
+        small = {key: part.state_dict() for key, part in self.small_parts.items()}
+        small.update(rng=self.rng_of_every_rank(), shape_signature=self.cfg.shape_signature())
+        step = self.progress.step
+        if self.sharded:
+            self.checkpointer.save_sharded(step, {"model": model_state, "optimizer": optim_state}, small,
+                                           is_main=self.env.is_main, async_group=self.async_group)
+            return
         if self.env.is_main:
-            state = {key: part.state_dict() for key, part in self.stateful.items()}
-            state["shape_signature"] = self.cfg.shape_signature()
-            self.checkpointer.save(self.progress.step, state)
+            self.checkpointer.save(step, {"model": model_state, "optimizer": optim_state, **small})
         if self.env.is_distributed:
             torch.distributed.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
 
@@ -316,18 +384,30 @@ class Trainer:
                     progress.unreadable_total += batch.n_unreadable
                     loss, logs = self.train_step(batch, step)
                     progress.step += 1
+                    if self.peers is not None:
+                        self.peers.finished_step(progress.step)
                     self.monitor.record(step, {"loss": loss, **logs}, lr=lr, data_seconds=data_seconds,
                                         extra={"health/nonfinite_total": progress.nonfinite_total,
                                                "health/unreadable_total": progress.unreadable_total})
+                    self.checkpointer.finish_pending(wait=False)
                     if progress.step % cfg.checkpoint.every_steps == 0 or progress.step == self.end_step:
                         self.save()
                     if self.agree.any(stop.received is not None):
                         self.save()
+                        self.checkpointer.finish_pending(wait=True)
                         raise StoppedForRequeue(f"stopped by {describe_signal(stop.received)} at step "
                                                 f"{progress.step}; checkpoint saved in {cfg.run_dir}")
                     waited_since = time.perf_counter()
+            self.checkpointer.finish_pending(wait=True)
+        except RuntimeError as error:
+            if self.peers is None or not is_collective_failure(error):
+                raise
+            raise RankFailure(f"rank {self.env.rank}: a collective failed in step {progress.step + 1} "
+                              f"({str(error).strip().splitlines()[0][:300]}). {self.peers.diagnose()}") from error
         finally:
             self.monitor.close()
+            if self.peers is not None:
+                self.peers.close()
         return self.monitor.state_dict()
 
 

@@ -60,7 +60,8 @@ STEPS = [*SGD, "train.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep
 
 
 def checkpoint(run_dir, step):
-    return torch.load(os.path.join(run_dir, "ckpt", f"step_{step:09d}", "state.pt"), weights_only=False)
+    """Full tensors of a checkpoint of either kind (one file, or FSDP shards consolidated)."""
+    return Checkpointer(run_dir, 1).load_full(Checkpointer.name(step))
 
 
 def parameter_difference(a, b):
@@ -71,15 +72,16 @@ def gradients_that_differ(a, b, rtol=1e-4, atol=1e-5):
     """Tensors whose gradients differ beyond allclose(rtol, atol), per tensor. After one SGD step the
     momentum buffer is the gradient itself. atol matters for DINO: its teacher starts as a copy of
     the student, so the first gradients are small differences of nearly equal terms."""
-    pairs = zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
-    return [i for i, (x, y) in enumerate(pairs)
-            if (x["momentum_buffer"] - y["momentum_buffer"]).abs().max()
-            > rtol * x["momentum_buffer"].abs().max() + atol]
+    a, b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert a.keys() == b.keys()
+    return [name for name in a if (a[name]["momentum_buffer"] - b[name]["momentum_buffer"]).abs().max()
+            > rtol * a[name]["momentum_buffer"].abs().max() + atol]
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_ddp_on_2_and_4_ranks_matches_one_process(tmp_path, objective):
-    common = [*OBJECTIVES[objective], *STEPS]
+def test_2_and_4_ranks_match_one_process(tmp_path, objective, strategy):
+    common = [*OBJECTIVES[objective], *STEPS, f"dist.strategy={strategy}"]
     reference = load_config(None, tiny_overrides(tmp_path / "w1", *common))
     pretrain(reference)
     first, last = checkpoint(reference.run_dir, 1), checkpoint(reference.run_dir, 3)
@@ -88,6 +90,7 @@ def test_ddp_on_2_and_4_ranks_matches_one_process(tmp_path, objective):
         overrides = tiny_overrides(tmp_path / f"w{world}", *common)
         run_world(world, overrides)
         run_dir = load_config(None, overrides).run_dir
+        assert Checkpointer(run_dir, 1).is_sharded(Checkpointer.name(3)) == (strategy == "fsdp")
         # Relative: SimCLR's step-3 loss (about 8) moves by 4e-6 relative in one process when only the memory
         # layout changes; ranks add the rounding of the gradient all-reduce on top.
         assert losses(run_dir) == pytest.approx(losses(reference.run_dir), rel=5e-5), f"{world} ranks: losses"
@@ -185,13 +188,18 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def test_sigkill_at_a_random_step_then_resume_reaches_the_uninterrupted_weights(tmp_path):
+# FSDP with background checkpoint writes: the hardest case for "a kill loses at most the last interval".
+STRATEGIES = {"ddp": ["dist.strategy=ddp"], "fsdp-async": ["dist.strategy=fsdp", "checkpoint.async_save=true"]}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_sigkill_at_a_random_step_then_resume_reaches_the_uninterrupted_weights(tmp_path, strategy):
     """Two ranks, killed without warning mid-epoch; rerunning the command resumes from the last
     checkpoint and ends bit for bit where an uninterrupted run ends."""
     import random
     import signal
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["train.max_steps=40", "checkpoint.every_steps=2", "checkpoint.keep=50"]
+    common = ["train.max_steps=40", "checkpoint.every_steps=2", "checkpoint.keep=50", *STRATEGIES[strategy]]
     command, repo = torchrun_pretrain(tmp_path / "straight", *common)
     assert subprocess.run(command, cwd=repo, env=env, capture_output=True, timeout=300).returncode == 0
     kill_after = random.Random(os.getpid()).randint(3, 7)
@@ -206,6 +214,7 @@ def test_sigkill_at_a_random_step_then_resume_reaches_the_uninterrupted_weights(
     process.wait(timeout=60)
     saved = Checkpointer(str(tmp_path / "killed" / "tiny"), 50).complete()
     assert saved and int(saved[-1].split("_")[1]) < 40  # killed mid-run
+    assert Checkpointer(str(tmp_path / "killed" / "tiny"), 50).is_sharded(saved[-1]) == (strategy != "ddp")
     resumed = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and f"from {saved[-1]}" in resumed.stdout
     straight = Checkpointer(str(tmp_path / "straight" / "tiny"), 50).load_latest()[0]
@@ -223,11 +232,12 @@ def _rank_main_until_stopped(rank, world, port, overrides):
         sys.exit(EXIT_STOPPED_FOR_REQUEUE)
 
 
-def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path):
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path, strategy):
     import signal
     import time
     from sslscale.train import EXIT_STOPPED_FOR_REQUEUE
-    overrides = tiny_overrides(tmp_path, "train.epochs=50", "checkpoint.every_steps=1000000")
+    overrides = tiny_overrides(tmp_path, "train.epochs=50", "checkpoint.every_steps=1000000", *STRATEGIES[strategy])
     context = mp.start_processes(_rank_main_until_stopped, args=(2, free_port(), overrides), nprocs=2,
                                  join=False, start_method="spawn")
     events = tmp_path / "tiny" / "tb"
@@ -243,10 +253,13 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_with_one_checkpo
     assert len(saved) == 1 and int(saved[0].split("_")[1]) >= 1
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 4)])
-def test_a_checkpoint_saved_on_w_ranks_resumes_on_another_number_of_ranks(tmp_path, before, after):
-    """One rank-0 file and a schedule in samples: the run continues where it was, lr included."""
-    common = [*OBJECTIVES["dissl"], *SGD, "checkpoint.every_steps=1", "checkpoint.keep=6"]
+def test_a_checkpoint_saved_on_w_ranks_resumes_on_another_number_of_ranks(tmp_path, before, after, strategy):
+    """DDP: one rank-0 file. FSDP: shards that reshard onto any number of ranks (one process reads them
+    whole; a single file from one process loads into shards). With a schedule in samples, the run
+    continues where it was, lr included."""
+    common = [*OBJECTIVES["dissl"], *SGD, "checkpoint.every_steps=1", "checkpoint.keep=6", f"dist.strategy={strategy}"]
     reference = load_config(None, tiny_overrides(tmp_path / "reference", *common, "train.max_steps=6"))
     pretrain(reference)
 
@@ -260,9 +273,82 @@ def test_a_checkpoint_saved_on_w_ranks_resumes_on_another_number_of_ranks(tmp_pa
     run(before, 3)
     run(after, 6)
     moved = str(tmp_path / "moved" / "tiny")
+    sharded = [Checkpointer(moved, 6).is_sharded(Checkpointer.name(step)) for step in (3, 6)]
+    assert sharded == [strategy == "fsdp" and world > 1 for world in (before, after)]
     assert parameter_difference(checkpoint(moved, 6)["model"], checkpoint(reference.run_dir, 6)["model"]) < 1e-5
     events = [EventAccumulator(os.path.join(d, "tb")) for d in (moved, reference.run_dir)]
     for e in events:
         e.Reload()
     learning_rates = [[(s.step, s.value) for s in e.Scalars("opt/lr")] for e in events]
     assert learning_rates[0] == learning_rates[1] and [s for s, _ in learning_rates[0]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_when_a_rank_dies_the_others_exit_and_name_it(tmp_path):
+    """Plain processes, as srun starts them (torchrun would tear the group down itself): SIGKILL rank 1
+    mid-run; rank 0 must not block, and its error names rank 1."""
+    import time
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "sslscale.cli", "pretrain", os.path.join(repo, "configs", "quickstart.yaml"),
+               *tiny_overrides(tmp_path), "train.epochs=50", "eval.after_pretrain=false", "dist.timeout_s=120"]
+    port = free_port()
+    ranks = [subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2",
+                                   "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in range(2)]
+    for line in ranks[0].stdout:
+        if line.startswith("step 3/"):
+            ranks[1].kill()
+            killed_at = time.time()
+            break
+    assert ranks[0].wait(timeout=90) == 1
+    assert time.time() - killed_at < 60  # well inside dist.timeout_s: a dead peer is noticed, not waited out
+    error = ranks[0].stderr.read()
+    assert "error: rank 0: a collective failed" in error and "rank 1 stopped responding (dead?)" in error
+    assert "Traceback" not in error
+    ranks[1].wait()
+
+
+def test_export_consolidates_fsdp_shards_into_one_trunk_file(tmp_path, capsys):
+    from sslscale.cli import main
+    from sslscale.models import ResNetTrunk
+    overrides = tiny_overrides(tmp_path, "dist.strategy=fsdp", "train.max_steps=2")
+    run_world(2, overrides)
+    run_dir = str(tmp_path / "tiny")
+    assert Checkpointer(run_dir, 2).is_sharded("step_000000002")
+    out = str(tmp_path / "trunk.pt")
+    assert main(["export", run_dir, out]) == 0
+    exported = torch.load(out)
+    trunk = ResNetTrunk("resnet18", width=8, small_image_stem=True)
+    trunk.load_state_dict(exported)  # strict: exactly the trunk, no heads, no optimizer
+    full = checkpoint(run_dir, 2)["model"]
+    assert all(torch.equal(value, full[f"encoder.{key}"]) for key, value in exported.items())
+
+
+def test_fsdp_in_bf16_keeps_fp32_master_weights_and_tracks_the_fp32_run(tmp_path):
+    """Mixed precision: bf16 weights in compute (BatchNorm in fp32 units), fp32 gradient reduction and
+    fp32 sharded master weights. The losses follow the fp32 run closely without equalling it."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        overrides = tiny_overrides(tmp_path / precision, *SGD, "dist.strategy=fsdp", f"train.precision={precision}",
+                                   "train.max_steps=3")
+        run_world(2, overrides)
+        runs[precision] = load_config(None, overrides).run_dir
+    assert losses(runs["bf16"]) == pytest.approx(losses(runs["fp32"]), rel=2e-2)
+    assert losses(runs["bf16"]) != losses(runs["fp32"])
+    assert {v.dtype for v in checkpoint(runs["bf16"], 3)["model"].values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_fsdp_on_a_model_with_nothing_to_shard_is_refused():
+    from sslscale.parallel import apply_fsdp
+    with pytest.raises(ConfigError, match="fsdp needs residual stages to shard"):
+        apply_fsdp(torch.nn.Sequential(torch.nn.Linear(4, 4)), "fp32")
+
+
+def test_the_last_batch_of_an_epoch_is_as_large_on_every_rank(tmp_path):
+    """1,497 training digits at a global batch of 48 leave 9 at the end of the epoch; the stream
+    fills the last batch from the next epoch's order, so both ranks run the same 32 steps and no rank
+    waits for a partner that ran out of data."""
+    overrides = tiny_overrides(tmp_path, "data.batch_size=48", "train.epochs=1", "checkpoint.every_steps=100")
+    run_world(2, overrides)
+    saved = Checkpointer(str(tmp_path / "tiny"), 2).load_latest()[0]
+    assert saved["progress"]["step"] == 32 == -(-1497 // 48)

@@ -22,7 +22,7 @@ from sslscale.train import memory_format, resolve_device
 
 
 def load_pretrained_trunk(cfg: Config) -> tuple[torch.nn.Module, str, int, dict]:
-    restored = Checkpointer(cfg.run_dir, cfg.checkpoint.keep).load_latest()
+    restored = Checkpointer(cfg.run_dir, cfg.checkpoint.keep).load_latest(model_only=True)
     if restored is None:
         raise ConfigError([f"run folder {cfg.run_dir} has no complete checkpoint to evaluate"])
     state, name = restored
