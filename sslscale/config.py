@@ -23,6 +23,7 @@ OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
+CLUSTERS = ("slurm", "local", "debug")
 
 
 class ConfigError(ValueError):
@@ -154,6 +155,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """How launch/submit.py shapes the job (its flags override these). One task per GPU."""
+    cluster: str = "slurm"  # slurm | local (this machine, same job shape) | debug (in the submitting process)
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int | None = None  # None: one per GPU (one task if the job has no GPUs)
+    cpus_per_task: int = 10
+    mem_gb: int | None = None  # per node; None: the partition's default
+    time_min: int = 4320
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: enough for one step and a checkpoint
+    max_num_timeout: int = 30  # requeues after time limits (pre-emptions do not count)
+    max_crash_retries: int = 2  # requeues after a crash (non-zero exit without a signal), then the job fails
+    eval_gpus: int = 1  # the linear-probe job
+    eval_time_min: int = 240
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+
+@dataclass
 class LinearProbeConfig:
     epochs: int = 100
     batch_size: int = 512
@@ -192,6 +218,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def run_dir(self) -> str:
@@ -260,7 +287,11 @@ def apply_override(raw: dict, item: str) -> list[str]:
     parts = key.strip().split(".")
     if not all(parts):
         return [f"override {item!r}: empty key component"]
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        return [f"override {item!r}: the value is not valid YAML ({str(error).splitlines()[0]}); quote it whole "
+                "in the shell, e.g. 'data.crops=[{size: 8, count: 2}]'"]
     node = raw
     for depth, part in enumerate(parts[:-1]):
         if isinstance(node, list):
@@ -421,8 +452,24 @@ def validate(c: Config) -> list[str]:
         e.append(f"eval.linear.val_fraction: {c.eval.linear.val_fraction}; valid range is (0, 1)")
     e += _positive("eval.knn.k", c.eval.knn.k)
     e += _positive("eval.knn.temperature", c.eval.knn.temperature)
+    e += _validate_slurm(c.slurm)
     if not c.run.name or "/" in c.run.name:
         e.append(f"run.name: {c.run.name!r}; give a non-empty name without '/'")
+    return e
+
+
+def _validate_slurm(s: SlurmConfig) -> list[str]:
+    e = _choice("slurm.cluster", s.cluster, CLUSTERS)
+    for key in ("nodes", "cpus_per_task", "time_min", "eval_time_min"):
+        e += _positive(f"slurm.{key}", getattr(s, key))
+    for key in ("tasks_per_node", "mem_gb"):
+        if getattr(s, key) is not None:
+            e += _positive(f"slurm.{key}", getattr(s, key))
+    for key in ("gpus_per_node", "eval_gpus", "signal_delay_s", "max_num_timeout", "max_crash_retries"):
+        if getattr(s, key) < 0:
+            e.append(f"slurm.{key}: {getattr(s, key)} must be >= 0")
+    if s.signal_delay_s >= s.time_min * 60:
+        e.append(f"slurm.signal_delay_s: {s.signal_delay_s} s is not shorter than slurm.time_min ({s.time_min} min)")
     return e
 
 

@@ -39,7 +39,12 @@ EXIT_STOPPED_FOR_REQUEUE = 75
 
 
 class StoppedForRequeue(Exception):
-    """The run saved a checkpoint and stopped because it was asked to (pre-emption, time limit)."""
+    """The run saved a checkpoint and stopped because it was asked to (pre-emption, time limit).
+    `signals`: what this process received (empty if only another rank was signalled)."""
+
+    def __init__(self, message: str, signals: frozenset = frozenset()):
+        super().__init__(message)
+        self.signals = signals
 
 
 class TooManyNonFiniteLosses(RuntimeError):
@@ -96,6 +101,7 @@ class StopSignal:
 
     def __init__(self):
         self.received: int | None = None
+        self.all_received: set[int] = set()
         self._previous = {}
 
     def __enter__(self):
@@ -105,6 +111,7 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.received = signum
+        self.all_received.add(signum)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -268,8 +275,8 @@ class Trainer:
                       flush=True)
             return
         if names:
-            raise RuntimeError(f"none of the {len(names)} checkpoints in {self.checkpointer.dir} can be read; "
-                               "move them away to start this run over")
+            raise RuntimeError(f"no checkpoint in {self.checkpointer.dir} can be read ({len(names)} tried); move "
+                               "them away to start this run over")
 
     def _read(self, name: str) -> tuple[dict, dict, dict, bool]:
         """(model state, optimizer state, small parts, whether the states are full tensors) of either kind
@@ -396,7 +403,8 @@ class Trainer:
                         self.save()
                         self.checkpointer.finish_pending(wait=True)
                         raise StoppedForRequeue(f"stopped by {describe_signal(stop.received)} at step "
-                                                f"{progress.step}; checkpoint saved in {cfg.run_dir}")
+                                                f"{progress.step}; checkpoint saved in {cfg.run_dir}",
+                                                frozenset(stop.all_received))
                     waited_since = time.perf_counter()
             self.checkpointer.finish_pending(wait=True)
         except RuntimeError as error:

@@ -117,3 +117,8 @@ def test_shape_signature_tracks_shape_keys_only():
     longer = load_config(None, ["train.epochs=800"])
     assert base.shape_signature() != wider.shape_signature()
     assert base.shape_signature() == longer.shape_signature()
+
+
+def test_an_override_whose_value_is_not_yaml_is_named():
+    with pytest.raises(ConfigError, match=r"override 'data.crops=\[\{size:'.*not valid YAML"):
+        load_config(None, ["data.crops=[{size:"])

@@ -1,0 +1,106 @@
+"""What runs inside a submitted job: pretraining (requeued on time limits, pre-emption and, a bounded
+number of times, crashes) and the linear probe of a run's newest checkpoint.
+
+Stop protocol. SLURM sends SIGUSR2 to every task `signal_delay_s` before the time limit (and SIGTERM
+on pre-emption or scancel). The trainer, not submitit, handles both during training: all ranks agree
+to stop at the next step boundary, save one complete checkpoint and raise StoppedForRequeue. After
+SIGUSR2, rank 0 hands the signal on to submitit's handler (restored when training returns), which
+asks this job's `checkpoint()` for the submission to requeue and runs `scontrol requeue` (or, under
+the local executor, exits with its requeue status). The requeued job reruns `__call__`, which resumes
+the run folder from its newest checkpoint. After SIGTERM alone the job saves and fails, as submitit
+itself treats SIGTERM: a cancelled job must not requeue itself.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import zlib
+
+import submitit
+
+log = logging.getLogger(__name__)
+
+
+def export_rank_variables(env: submitit.JobEnvironment) -> None:
+    """torchrun-style variables for the trainer, from whichever executor started this task (SLURM's
+    own variables under sbatch/srun, SUBMITIT_LOCAL_* under the local executor)."""
+    if env.num_tasks <= 1:
+        return
+    job_id = str(env.job_id).split("_")[0]
+    os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=os.environ.get("MASTER_ADDR") or env.hostnames[0],
+                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(20000 + zlib.crc32(job_id.encode()) % 20000))
+
+
+def hand_over_to_submitit() -> None:
+    """Runs submitit's SIGUSR2 handler in this process: it calls checkpoint() and requeues the job,
+    then exits. (Raising the signal would do the same, asynchronously.)"""
+    handler = signal.getsignal(signal.SIGUSR2)
+    if not callable(handler):
+        raise RuntimeError("no submitit signal handler is installed: is this running inside a submitit job?")
+    handler(signal.SIGUSR2, None)
+
+
+class PretrainJob(submitit.helpers.Checkpointable):
+    """`sslscale pretrain` on the saved config of a run folder, as a requeueable job."""
+
+    def __init__(self, config_path: str, max_crash_retries: int):
+        self.config_path, self.max_crash_retries = config_path, max_crash_retries
+        self.crashes = 0
+
+    def __call__(self) -> str:
+        from sslscale.checkpoint import CheckpointMismatch
+        from sslscale.config import ConfigError, load_config
+        from sslscale.distributed import DistributedSetupError
+        from sslscale.train import StoppedForRequeue, TooManyNonFiniteLosses, pretrain
+        env = submitit.JobEnvironment()
+        export_rank_variables(env)
+        cfg = load_config(self.config_path)
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        print(f"job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}: pretraining "
+              f"{cfg.run_dir} (restart {restarts}, crashes so far {self.crashes})", flush=True)
+        try:
+            pretrain(cfg)
+        except StoppedForRequeue as stop:
+            if signal.SIGTERM in stop.signals and signal.SIGUSR2 not in stop.signals:
+                # SIGTERM alone: pre-emption (SLURM requeues the job itself if the partition says so, or
+                # sends SIGUSR2 next) or scancel. Fail the job, so nothing that waits on afterok starts.
+                print(f"{stop}; not requeueing on SIGTERM alone", flush=True)
+                raise
+            print(f"{stop}; requeueing", flush=True)
+            if env.global_rank == 0:
+                hand_over_to_submitit()
+            return "stopped for requeue"
+        except (ConfigError, CheckpointMismatch, DistributedSetupError, TooManyNonFiniteLosses):
+            raise  # a rerun would fail the same way
+        except Exception as error:
+            if env.global_rank == 0 and self.crashes < self.max_crash_retries:
+                self.crashes += 1
+                log.exception("pretraining crashed")
+                print(f"crash {self.crashes} of at most {self.max_crash_retries} ({type(error).__name__}: {error}); "
+                      f"requeueing to resume from the last checkpoint", flush=True)
+                hand_over_to_submitit()
+            raise
+        if cfg.eval.after_pretrain and env.global_rank == 0:
+            from sslscale.eval.run import evaluate_run
+            evaluate_run(cfg)
+        return cfg.run_dir
+
+    def checkpoint(self, *args, **kwargs):
+        # The trainer has already saved the state; requeue the same job (its crash count included).
+        return submitit.helpers.DelayedSubmission(self)
+
+
+class EvalJob:
+    """`sslscale linear-eval` of a run folder's newest checkpoint, with eval overrides."""
+
+    def __init__(self, run_dir: str, overrides: list[str]):
+        self.run_dir, self.overrides = run_dir, list(overrides)
+
+    def __call__(self) -> dict:
+        from sslscale.cli import main
+        status = main(["linear-eval", self.run_dir, *self.overrides])
+        if status != 0:
+            raise RuntimeError(f"linear-eval of {self.run_dir} exited with status {status}")
+        return {"run_dir": self.run_dir, "results": os.path.join(self.run_dir, "eval", "linear.json")}

@@ -1,0 +1,285 @@
+"""Submit sslscale jobs to SLURM (or run the same job shape locally) through submitit.
+
+    python launch/submit.py CONFIG [key=value ...] [--nodes N] [--gpus-per-node G] [--partition P] ...
+    python launch/submit.py CONFIG --sweep objective.dissl.n_classes=2048,16384    # a job array
+    python launch/submit.py --eval RUN_DIR [eval.key=value ...]                      # the linear probe
+
+Pretraining: the resolved config is saved in the run folder before submission; the job (one task
+per GPU) trains from it and is requeued on time limits and pre-emption (see launch/jobs.py).
+Submitting again for an existing run folder resumes it; a config whose shape-changing keys differ
+is refused unless --force-new. Everything that can be checked is checked before anything is queued.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # `python launch/submit.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import submitit  # noqa: E402
+
+from launch import cluster as slurm_cluster  # noqa: E402
+from launch.jobs import EvalJob, PretrainJob  # noqa: E402
+from sslscale.checkpoint import check_signature  # noqa: E402
+from sslscale.config import Config, ConfigError, dump_config, load_config  # noqa: E402
+
+EXIT_USER_ERROR = 2
+PRETRAIN_JOB_FILE = "pretrain_job_id"  # in <run>/submitit/: lets --eval wait for a queued pretraining job
+
+# Command-line flag -> slurm config key.
+FLAGS = {"nodes": int, "gpus_per_node": int, "tasks_per_node": int, "partition": str, "account": str,
+         "qos": str, "constraint": str, "time": int, "mem": int, "cpus_per_task": int, "cluster": str}
+FLAG_KEYS = {"time": "time_min", "mem": "mem_gb"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/submit.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", help="YAML recipe (pretraining); omit with --eval")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=10")
+    parser.add_argument("--eval", metavar="RUN_DIR", help="submit the linear probe of this run folder instead")
+    parser.add_argument("--then-eval", action="store_true", help="also submit the probe, to start after pretraining")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="one run per value (repeat for a grid), submitted as one job array")
+    parser.add_argument("--force-new", action="store_true",
+                        help="start the run over: the existing run folder is renamed, never deleted")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and config; submit nothing")
+    parser.add_argument("--wait", action="store_true", help="block until the jobs end and report how they ended")
+    for flag, kind in FLAGS.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=None,
+                            help=f"slurm.{FLAG_KEYS.get(flag, flag)}" + (" (minutes)" if flag == "time" else "")
+                            + (" (GB per node)" if flag == "mem" else ""))
+    return parser
+
+
+def flag_overrides(args) -> list[str]:
+    return [f"slurm.{FLAG_KEYS.get(flag, flag)}={getattr(args, flag)}" for flag in FLAGS
+            if getattr(args, flag) is not None]
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A job may start in another folder (sbatch --chdir): no path may depend on where it was submitted."""
+    cfg.run.root = os.path.abspath(cfg.run.root)
+    if cfg.data.path is not None and "://" not in cfg.data.path:
+        cfg.data.path = os.path.abspath(cfg.data.path)
+    return cfg
+
+
+def config_text(cfg: Config) -> str:
+    import yaml
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def submitit_folder(run_dir: str) -> str:
+    return os.path.join(run_dir, "submitit")
+
+
+def prepare_run_folder(cfg: Config, force_new: bool, dry_run: bool) -> str:
+    """Checks the run folder and saves the resolved config in it; returns the config's path."""
+    from sslscale.train import preflight
+    run_dir = cfg.run_dir
+    saved_path = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(saved_path):
+        job_file = os.path.join(submitit_folder(run_dir), PRETRAIN_JOB_FILE)
+        if os.path.exists(job_file) and cfg.slurm.cluster == "slurm":
+            with open(job_file) as f:
+                job_id = f.read().strip()
+            if slurm_cluster.queued(job_id):
+                raise ConfigError([f"run folder {run_dir} is already being trained by job {job_id} "
+                                   f"(squeue -j {job_id})"])
+        if force_new:
+            moved = f"{run_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            if not dry_run:
+                os.rename(run_dir, moved)
+            print(f"--force-new: {run_dir} moved to {moved}; starting over")
+        else:
+            saved = load_config(saved_path, check=False)
+            try:
+                check_signature(saved.shape_signature(), cfg.shape_signature(), f"run folder {run_dir}")
+            except ValueError as mismatch:
+                raise ConfigError([f"{mismatch}\n(or pass --force-new to start it over)"]) from None
+            print(f"{run_dir} exists: the job resumes it from its newest checkpoint")
+    if dry_run:
+        return saved_path
+    preflight(cfg)  # data folders exist, run folder writable: before anything is queued
+    dump_config(cfg, saved_path)
+    return saved_path
+
+
+def make_executor(cfg: Config, folder: str, *, name: str, gpus: int, tasks: int, nodes: int, time_min: int,
+                  dependency: str | None = None) -> submitit.Executor:
+    """The executor of the configured cluster, shaped as one task per GPU on `nodes` nodes."""
+    s = cfg.slurm
+    if s.cluster == "debug":  # in this process, at job.result(): for stepping through a job in a debugger
+        return submitit.DebugExecutor(folder)
+    if s.cluster == "local":
+        if nodes > 1:
+            raise ConfigError([f"slurm.nodes: {nodes}, but --cluster local runs on this one machine"])
+        executor = submitit.LocalExecutor(folder, max_num_timeout=s.max_num_timeout)
+        executor.update_parameters(timeout_min=time_min, tasks_per_node=tasks, gpus_per_node=gpus,
+                                   signal_delay_s=s.signal_delay_s)
+        return executor
+    executor = submitit.SlurmExecutor(folder, max_num_timeout=s.max_num_timeout)
+    additional = {"chdir": cfg.run_dir} if os.path.isdir(cfg.run_dir) else {}
+    if dependency:
+        additional["dependency"] = dependency
+    params = dict(job_name=name, time=time_min, nodes=nodes, ntasks_per_node=tasks, cpus_per_task=s.cpus_per_task,
+                  signal_delay_s=s.signal_delay_s, partition=s.partition, account=s.account, qos=s.qos,
+                  constraint=s.constraint, additional_parameters=additional)
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if s.mem_gb is not None:
+        params["mem"] = f"{s.mem_gb}GB"
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+def job_script(cfg: Config, folder: str, **shape) -> str:
+    """What --dry-run shows: the sbatch script SLURM would get (built without creating anything)."""
+    if cfg.slurm.cluster != "slurm":
+        return f"({cfg.slurm.cluster} executor: no sbatch script; the job runs on this machine with {shape})"
+    executor = make_executor(cfg, folder, **shape)
+    # submitit has no public call for the script it would submit; this is the one it uses itself.
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+def check_cluster(cfg: Config, gpus: int, nodes: int) -> None:
+    if cfg.slurm.cluster != "slurm":
+        return
+    try:
+        problems = slurm_cluster.check_job_shape(cfg.slurm.partition, nodes, gpus)
+    except slurm_cluster.ClusterUnavailable as error:
+        raise ConfigError([f"slurm.cluster: {error}"]) from None
+    if problems:
+        raise ConfigError(problems)
+
+
+def sweep_points(sweeps: list[str]) -> list[list[str]]:
+    """['a=1,2', 'b=x,y'] -> [['a=1', 'b=x'], ['a=1', 'b=y'], ['a=2', 'b=x'], ['a=2', 'b=y']]."""
+    axes = []
+    for item in sweeps:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ConfigError([f"--sweep {item!r}: expected KEY=V1,V2,..."])
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def point_name(base: str, point: list[str]) -> str:
+    """run name of a sweep point: base-n_classes=2048-lam=1.5 (last part of each key)."""
+    parts = [f"{key.rsplit('.', 1)[-1]}={value}" for key, _, value in (p.partition("=") for p in point)]
+    return "-".join([base, *parts]).replace("/", "_").replace(" ", "")
+
+
+def report(jobs: list, run_dirs: list[str], what: str) -> None:
+    for job, run_dir in zip(jobs, run_dirs):
+        print(f"submitted {what} job {job.job_id}: run folder {run_dir}")
+        print(f"  logs: {job.paths.stdout} (and .err)")
+
+
+def wait_for(jobs: list) -> int:
+    status = 0
+    for job in jobs:
+        try:
+            print(f"job {job.job_id} finished: {job.result()}")
+        except Exception as error:  # noqa: BLE001  report every job, then fail
+            print(f"job {job.job_id} failed: {error}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def submit_pretraining(args) -> int:
+    base = load_config(args.config, [*args.overrides, *flag_overrides(args)])
+    points = sweep_points(args.sweep) if args.sweep else [[]]
+    configs = []
+    for point in points:
+        extra = [f"run.name={point_name(base.run.name, point)}"] if point else []
+        configs.append(absolute_paths(load_config(args.config, [*args.overrides, *flag_overrides(args),
+                                                                *point, *extra])))
+    s = base.slurm
+    check_cluster(base, s.gpus_per_node, s.nodes)
+    for cfg in configs:
+        if cfg.data.batch_size % (s.nodes * s.tasks):
+            raise ConfigError([f"data.batch_size: the global batch {cfg.data.batch_size} does not split over "
+                               f"{s.nodes} nodes x {s.tasks} tasks"])
+    config_paths = [prepare_run_folder(cfg, args.force_new, args.dry_run) for cfg in configs]
+    folder = submitit_folder(configs[0].run_dir if len(configs) == 1 else f"{configs[0].run_dir}-sweep")
+    shape = dict(name=base.run.name, gpus=s.gpus_per_node, tasks=s.tasks, nodes=s.nodes, time_min=s.time_min)
+    if args.dry_run:
+        print(job_script(configs[0], folder, **shape))
+        for cfg in configs:
+            print(f"# {cfg.run_dir}/config.yaml\n{config_text(cfg)}")
+        return 0
+    executor = make_executor(configs[0], folder, **shape)
+    job_objects = [PretrainJob(path, s.max_crash_retries) for path in config_paths]
+    if len(job_objects) == 1:
+        jobs = [executor.submit(job_objects[0])]
+    else:
+        with executor.batch():
+            jobs = [executor.submit(job) for job in job_objects]
+    for job, cfg in zip(jobs, configs):
+        os.makedirs(submitit_folder(cfg.run_dir), exist_ok=True)
+        with open(os.path.join(submitit_folder(cfg.run_dir), PRETRAIN_JOB_FILE), "w") as f:
+            f.write(f"{job.job_id}\n")
+    report(jobs, [c.run_dir for c in configs], "pretraining")
+    if args.then_eval:
+        jobs += [submit_probe(cfg, [], depends_on=job.job_id) for job, cfg in zip(jobs[:len(configs)], configs)]
+    return wait_for(jobs) if args.wait else 0
+
+
+def submit_probe(cfg: Config, overrides: list[str], depends_on: str | None = None, dry_run: bool = False):
+    s = cfg.slurm
+    check_cluster(cfg, s.eval_gpus, 1)
+    dependency = f"afterok:{depends_on}" if depends_on and s.cluster == "slurm" else None
+    shape = dict(name=f"{cfg.run.name}-eval", gpus=s.eval_gpus, tasks=1, nodes=1, time_min=s.eval_time_min,
+                 dependency=dependency)
+    if dry_run:
+        print(job_script(cfg, submitit_folder(cfg.run_dir), **shape))
+        print(f"# {cfg.run_dir}/config.yaml (eval section used)\n{config_text(cfg)}")
+        return None
+    executor = make_executor(cfg, submitit_folder(cfg.run_dir), **shape)
+    job = executor.submit(EvalJob(cfg.run_dir, overrides))
+    after = f", after job {depends_on} succeeds" if dependency else ""
+    report([job], [cfg.run_dir], f"linear-probe{after}")
+    return job
+
+
+def submit_eval(args) -> int:
+    run_dir = os.path.abspath(args.eval)
+    saved = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(saved):
+        raise ConfigError([f"--eval {args.eval}: not a run folder (no config.yaml)"])
+    overrides = [*([args.config] if args.config else []), *args.overrides]  # positional slots hold overrides here
+    bad = [o for o in overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError([f"--eval takes only eval.* overrides, got {', '.join(bad)}"])
+    cfg = load_config(saved, [*overrides, *flag_overrides(args)])
+    depends_on = None
+    job_file = os.path.join(submitit_folder(run_dir), PRETRAIN_JOB_FILE)
+    if cfg.slurm.cluster == "slurm" and os.path.exists(job_file):
+        with open(job_file) as f:
+            job_id = f.read().strip()
+        if slurm_cluster.queued(job_id):
+            depends_on = job_id  # a running run: probe it when its training ends
+    job = submit_probe(cfg, overrides, depends_on, dry_run=args.dry_run)
+    return wait_for([job]) if args.wait and job is not None else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after flags
+    try:
+        if args.eval:
+            return submit_eval(args)
+        if not args.config:
+            raise ConfigError(["give a CONFIG to pretrain, or --eval RUN_DIR"])
+        return submit_pretraining(args)
+    except (ConfigError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
