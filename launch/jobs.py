@@ -53,7 +53,8 @@ class PretrainJob(submitit.helpers.Checkpointable):
         from sslscale.checkpoint import CheckpointMismatch
         from sslscale.config import ConfigError, load_config
         from sslscale.distributed import DistributedSetupError
-        from sslscale.train import StoppedForRequeue, TooManyNonFiniteLosses, pretrain
+        from sslscale.cli import pretrain_then_probe
+        from sslscale.train import StoppedForRequeue, TooManyNonFiniteLosses
         env = submitit.JobEnvironment()
         export_rank_variables(env)
         cfg = load_config(self.config_path)
@@ -61,7 +62,7 @@ class PretrainJob(submitit.helpers.Checkpointable):
         print(f"job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}: pretraining "
               f"{cfg.run_dir} (restart {restarts}, crashes so far {self.crashes})", flush=True)
         try:
-            pretrain(cfg)
+            pretrain_then_probe(cfg)
         except StoppedForRequeue as stop:
             if signal.SIGTERM in stop.signals and signal.SIGUSR2 not in stop.signals:
                 # SIGTERM alone: pre-emption (SLURM requeues the job itself if the partition says so, or
@@ -82,9 +83,6 @@ class PretrainJob(submitit.helpers.Checkpointable):
                       f"requeueing to resume from the last checkpoint", flush=True)
                 hand_over_to_submitit()
             raise
-        if cfg.eval.after_pretrain and env.global_rank == 0:
-            from sslscale.eval.run import evaluate_run
-            evaluate_run(cfg)
         return cfg.run_dir
 
     def checkpoint(self, *args, **kwargs):

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 STATE_FILE = "state.pt"
 SMALL_PARTS_FILE = "extra.pt"  # a sharded checkpoint's unsharded parts (progress, RNG, monitor, ...)
-SHARDED_PARTS = ("model", "optimizer")
 
 
 class CheckpointMismatch(ValueError):
@@ -184,9 +184,14 @@ class Checkpointer:
         return None
 
 
+@dataclass
 class PendingWrite:
-    def __init__(self, future, tmp: str, name: str, step: int, is_main: bool):
-        self.future, self.tmp, self.name, self.step, self.is_main = future, tmp, name, step, is_main
+    """A sharded checkpoint being written in the background, committed when `future` is done."""
+    future: object
+    tmp: str
+    name: str
+    step: int
+    is_main: bool
 
 
 def _save_file(obj, path: str) -> None:

@@ -17,16 +17,20 @@ from sslscale.distributed import DistributedSetupError, RankFailure
 EXIT_USER_ERROR = 2
 
 
-def _pretrain(args) -> int:
-    from sslscale.config import load_config
+def pretrain_then_probe(cfg) -> None:
+    """Pretrain, then (eval.after_pretrain) probe the frozen trunk. The probe is a single-process job:
+    under torchrun / srun / submitit only rank 0 runs it."""
     from sslscale.distributed import read_env
     from sslscale.eval.run import evaluate_run
     from sslscale.train import pretrain
-    cfg = load_config(args.config, args.overrides)
     pretrain(cfg)
-    # The probe is a single-process job on the frozen trunk: under torchrun / srun only rank 0 runs it.
     if cfg.eval.after_pretrain and read_env().is_main:
         evaluate_run(cfg)
+
+
+def _pretrain(args) -> int:
+    from sslscale.config import load_config
+    pretrain_then_probe(load_config(args.config, args.overrides))
     return 0
 
 

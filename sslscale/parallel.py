@@ -55,13 +55,24 @@ def apply_fsdp(model: nn.Module, precision: str) -> nn.Module:
     return model
 
 
+def uses_fsdp(strategy: str, env: DistEnv) -> bool:
+    """One process shards nothing: it trains the plain model whatever the strategy."""
+    return env.is_distributed and strategy == "fsdp"
+
+
+def weight_layout(strategy: str, env: DistEnv, layout: torch.memory_format) -> torch.memory_format:
+    """FSDP shards only contiguous parameters; its convolutions still run channels_last, following
+    the inputs' layout."""
+    return torch.contiguous_format if uses_fsdp(strategy, env) else layout
+
+
 def wrap_for_training(core: nn.Module, strategy: str, env: DistEnv, device: torch.device,
                       precision: str) -> nn.Module:
     """Returns the module that runs the training step. `core` must already be on `device`; under FSDP
     it is sharded in place (its parameters become DTensors) and is itself the returned module."""
     if not env.is_distributed:
         return core
-    if strategy == "fsdp":
+    if uses_fsdp(strategy, env):
         return apply_fsdp(core, precision)
     # SyncBN keeps buffers equal on all ranks, so DDP need not broadcast them every step.
     return nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,

@@ -31,7 +31,7 @@ from sslscale.models import build_trunk, encode_crops
 from sslscale.monitor import Monitor
 from sslscale.objectives import ObjectiveContext, build_objective
 from sslscale.optim import WarmupCosine, build_optimizer, peak_lr
-from sslscale.parallel import is_sharded, prepare_batchnorm, wrap_for_training
+from sslscale.parallel import is_sharded, prepare_batchnorm, weight_layout, wrap_for_training
 
 # Exit status of a run that stopped on SIGTERM / SIGUSR2 after saving a checkpoint: the launcher
 # requeues on it and treats any other non-zero status as a failure (75 is EX_TEMPFAIL).
@@ -232,10 +232,8 @@ class Trainer:
                            gather=gather)
         # `core` is the model itself (saved, evaluated); `model` runs the step (DDP-wrapped, or `core` itself
         # sharded in place by FSDP). The optimizer is built last: under FSDP it must see the sharded parameters.
-        # FSDP shards only contiguous parameters; its convolutions still run channels_last, following the inputs.
-        fsdp = self.env.is_distributed and cfg.dist.strategy == "fsdp"
-        weight_layout = torch.contiguous_format if fsdp else self.layout
-        self.core = prepare_batchnorm(core, self.env, self.device).to(self.device, memory_format=weight_layout)
+        self.core = prepare_batchnorm(core, self.env, self.device).to(
+            self.device, memory_format=weight_layout(cfg.dist.strategy, self.env, self.layout))
         self.model = wrap_for_training(self.core, cfg.dist.strategy, self.env, self.device, cfg.train.precision)
         self.sharded = is_sharded(self.core)
         self.optimizer = build_optimizer(self.core, cfg.optim, self.global_batch)
@@ -298,8 +296,8 @@ class Trainer:
         # Partial: the optimizer template holds state for every parameter, the checkpoint only for those
         # that had gradients (DINO's last layer stays frozen at first); keep only what was saved.
         dcp_io.load_into({"model": model_state, "optimizer": optim_state}, ckpt.path(name), allow_partial=True)
-        optim_state["state"] = {k: v for k, v in optim_state["state"].items()
-                                if any(key.startswith(f"optimizer.state.{k}.") for key in saved)}
+        with_state = {key.rsplit(".", 1)[0] for key in saved if key.startswith("optimizer.state.")}
+        optim_state["state"] = {k: v for k, v in optim_state["state"].items() if f"optimizer.state.{k}" in with_state}
         return model_state, optim_state, small, False
 
     def _apply(self, model_state: dict, optim_state: dict, small: dict, full: bool) -> None:
