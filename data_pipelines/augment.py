@@ -1,6 +1,6 @@
 """The one description of the multi-crop augmentation.
 
-Every backend (torchvision today, DALI later) reads these dataclasses and nothing else, so
+Every backend (torchvision, DALI) reads these dataclasses and nothing else, so
 "the same augmentation" means the same numbers. Recipes (m2 / m6 / m8, the small-data presets)
 are YAML configs built from these fields, not code.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+SOLARIZE_THRESHOLD = 128  # on uint8 pixels: values >= 128 are inverted
 
 
 @dataclass

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from data_pipelines.augment import AugmentSpec, CropGroup, blur_kernel_size, validate_crops
 
 SOURCES = ("fashion_mnist", "digits", "folder", "filelist")
-BACKENDS = ("torchvision",)
-DEVICES = ("cpu",)
+BACKENDS = ("torchvision", "dali")
+DEVICES = ("cpu", "gpu")
 
 
 @dataclass
@@ -17,10 +17,12 @@ class DataConfig:
     # fashion_mnist: folder of the idx .gz files (Debian's dataset-fashion-mnist by default);
     # folder: root holding train/ and val/ class folders; filelist: folder holding train.txt and val.txt.
     path: str | None = None
+    # torchvision: DataLoader workers augment on CPU. dali: NVIDIA DALI, on the GPU (device: gpu, decode
+    # included) or on its CPU backend (device: cpu). Both give the same crops (params.py).
     backend: str = "torchvision"
     device: str = "cpu"
     batch_size: int = 256  # GLOBAL batch, split evenly over ranks
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader workers (torchvision) or DALI's CPU threads, per rank
     crops: list[CropGroup] = field(default_factory=lambda: [CropGroup()])
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     # Frozen-feature evaluation: resize the short side to eval_resize, centre-crop eval_crop.
@@ -36,8 +38,10 @@ class DataConfig:
         if self.backend not in BACKENDS:
             errors.append(f"backend: {self.backend!r}; valid here: {', '.join(BACKENDS)}")
         if self.device not in DEVICES:
-            errors.append(f"device: {self.device!r}; the {self.backend} backend augments on: "
-                          f"{', '.join(DEVICES)}")
+            errors.append(f"device: {self.device!r}; valid: {', '.join(DEVICES)}")
+        elif self.backend == "torchvision" and self.device != "cpu":
+            errors.append(f"device: {self.device!r}; the torchvision backend augments on CPU workers; "
+                          "use backend: dali for GPU augmentation")
         if self.batch_size < 1:
             errors.append(f"batch_size: {self.batch_size}; must be >= 1")
         if self.num_workers < 0:
@@ -53,6 +57,17 @@ class DataConfig:
                 errors.append(f"augment.blur_sigma: a blur window of {kernel} px (+-3 sigma) does not fit the "
                               f"{smallest}-px crops; lower blur_sigma or set blur_p: 0")
         return errors
+
+    def check_backend(self) -> list[str]:
+        """Is the backend (and device) the config asks for on this machine? Run before a job starts."""
+        if self.backend != "dali":
+            return []
+        from data_pipelines.dali import BackendUnavailable, require_dali
+        try:
+            require_dali(self.device)
+        except BackendUnavailable as error:
+            return [str(error).removeprefix("data.")]
+        return []
 
     def check_paths(self) -> list[str]:
         """File-system checks, run before a job starts (not at config load, so configs validate anywhere)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import gzip
+import logging
 import os
 from dataclasses import dataclass
 
@@ -21,9 +22,27 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SPLITS = ("train", "val")
 
+log = logging.getLogger(__name__)
+
 
 class UnreadableImage(Exception):
     """An image that exists in the index but cannot be decoded (truncated, not an image, ...)."""
+
+
+# Replacement attempts for unreadable images before giving up on a sample.
+MAX_REPLACEMENTS = 64
+
+
+def first_readable(read, size: int, index: int):
+    """(read(i), i, replacements) for the first i = index, index + 1, ... (mod size) that reads: an
+    unreadable image is replaced by the next one, by every backend, so the stream stays deterministic."""
+    for attempt in range(MAX_REPLACEMENTS):
+        candidate = (index + attempt) % size
+        try:
+            return read(candidate), candidate, attempt
+        except UnreadableImage as error:
+            log.warning("skipping unreadable image: %s", error)
+    raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable images from index {index}; is the data intact?")
 
 
 class ImageSource(abc.ABC):

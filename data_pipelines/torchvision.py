@@ -1,46 +1,55 @@
 """torchvision v2 backend: multi-crop augmentation on CPU workers, the semantics of augment.py.
 
-Each sample's augmentation is drawn from a generator seeded by (run seed, stream position), so the
-crops of a step are the same whatever the number of workers or ranks, and after a resume.
+The random numbers of every crop come from params.py (seeded by run seed and stream position),
+so the crops of a step are the same whatever the number of workers or ranks, after a resume,
+and in the DALI backend.
 """
 from __future__ import annotations
 
-import logging
-
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
-from data_pipelines.augment import AugmentSpec, CropGroup, blur_kernel_size
+from data_pipelines import params as draws
+from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, CropGroup, blur_kernel_size
 from data_pipelines.batch import Batch
-from data_pipelines.sources import ImageSource, RankBatches, SampleStream, UnreadableImage
-
-log = logging.getLogger(__name__)
+from data_pipelines.params import CropParams, jitter_ranges
+from data_pipelines.sources import ImageSource, RankBatches, SampleStream, first_readable
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST}
-# Replacement attempts for unreadable images before giving up on the batch.
-_MAX_REPLACEMENTS = 64
+_JITTERS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)  # params.py's op numbers
 
 
-def crop_transform(group: CropGroup, spec: AugmentSpec) -> v2.Compose:
-    """uint8 [3,H,W] image -> one normalised float crop, per the spec."""
-    jitter = spec.jitter
-    ops = [
-        v2.RandomResizedCrop(group.size, scale=tuple(group.scale), ratio=tuple(group.ratio),
-                             interpolation=_INTERPOLATION[group.interpolation], antialias=True),
-        v2.RandomHorizontalFlip(spec.flip_p),
-        v2.RandomApply([v2.ColorJitter(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)],
-                       p=jitter.p),
-        v2.RandomGrayscale(spec.grayscale_p),
-    ]
-    if spec.blur_p > 0:
+def augment_crop(image: torch.Tensor, window, params: CropParams, i: int, group: CropGroup,
+                 spec: AugmentSpec) -> torch.Tensor:
+    """uint8 [3,H,W] image -> sample i's crop of one slot, normalised float [3, size, size].
+
+    The ops and their uint8 arithmetic are torchvision v2's own (the functional forms of
+    RandomResizedCrop, RandomHorizontalFlip, ColorJitter, RandomGrayscale, GaussianBlur,
+    RandomSolarize); only the random numbers come from params.py.
+    """
+    top, left, height, width = (int(v) for v in window)
+    crop = F.resized_crop(image, top, left, height, width, [group.size, group.size],
+                          interpolation=_INTERPOLATION[group.interpolation], antialias=True)
+    if params.flip[i]:
+        crop = F.horizontal_flip(crop)
+    if params.jitter[i]:
+        enabled = [bounds is not None for bounds in jitter_ranges(spec)]
+        for op in params.order[i]:
+            if enabled[op]:
+                crop = _JITTERS[op](crop, float(params.factors[i, op]))
+    if params.grayscale[i]:
+        crop = F.rgb_to_grayscale(crop, num_output_channels=3)
+    if params.blur[i]:
         kernel = blur_kernel_size(spec.blur_sigma[1])
-        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=tuple(spec.blur_sigma))], p=spec.blur_p))
-    if spec.solarize_p > 0:
-        ops.append(v2.RandomSolarize(threshold=128, p=spec.solarize_p))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
-    return v2.Compose(ops)
+        sigma = float(params.sigma[i])
+        crop = F.gaussian_blur(crop, [kernel, kernel], [sigma, sigma])
+    if params.solarize[i]:
+        crop = F.solarize(crop, SOLARIZE_THRESHOLD)
+    return F.normalize(F.to_dtype(crop, torch.float32, scale=True), list(spec.mean), list(spec.std))
 
 
 def eval_transform(resize: int, crop: int, spec: AugmentSpec) -> v2.Compose:
@@ -51,33 +60,42 @@ def eval_transform(resize: int, crop: int, spec: AugmentSpec) -> v2.Compose:
 
 def load_readable(source: ImageSource, index: int) -> tuple[torch.Tensor, int, int]:
     """(image, index actually read, replacements): an unreadable image is replaced by the next one."""
-    for attempt in range(_MAX_REPLACEMENTS):
-        candidate = (index + attempt) % len(source)
-        try:
-            return source.load(candidate), candidate, attempt
-        except UnreadableImage as error:
-            log.warning("skipping unreadable image: %s", error)
-    raise RuntimeError(f"{_MAX_REPLACEMENTS} consecutive unreadable images from index {index}; is the data intact?")
+    return first_readable(source.load, len(source), index)
 
 
 class MultiCropDataset(Dataset):
-    """Indexed by stream position; returns all crops of one image, large first."""
+    """Indexed by stream position; returns all crops of one image, large first.
+
+    DataLoader hands a whole batch of consecutive positions to __getitems__, which draws the
+    parameters of the batch in one go.
+    """
 
     def __init__(self, source: ImageSource, crops: list[CropGroup], spec: AugmentSpec, seed: int):
-        self.source = source
+        self.source, self.crops, self.spec, self.seed = source, crops, spec, seed
         self.stream = SampleStream(len(source), seed)
-        self.seed = seed
-        self.groups = [(crop_transform(g, spec), g.count) for g in crops]
+        self.groups = [group for group in crops for _ in range(group.count)]  # the group of each crop slot
 
     def __len__(self):
         return len(self.source)
 
     def __getitem__(self, position: int):
-        image, index, replaced = load_readable(self.source, self.stream.index(position))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 0x9E3779B97F4A7C15 + position) % (2**63))
-            crops = [transform(image) for transform, count in self.groups for _ in range(count)]
-        return crops, int(self.source.labels[index]), index, replaced
+        return self.__getitems__([position])[0]
+
+    def __getitems__(self, positions: list[int]) -> list:
+        first = positions[0]
+        if list(positions) != list(range(first, first + len(positions))):
+            raise ValueError("MultiCropDataset reads runs of consecutive stream positions (see RankBatches)")
+        loaded = [load_readable(self.source, self.stream.index(p)) for p in positions]
+        heights = np.array([image.shape[1] for image, _, _ in loaded])
+        widths = np.array([image.shape[2] for image, _, _ in loaded])
+        slots = draws.draw(self.crops, self.spec, self.seed, first, len(positions))
+        windows = [params.window(heights, widths, group) for params, group in zip(slots, self.groups)]
+        samples = []
+        for i, (image, index, replaced) in enumerate(loaded):
+            crops = [augment_crop(image, window[i], params, i, group, self.spec)
+                     for params, window, group in zip(slots, windows, self.groups)]
+            samples.append((crops, int(self.source.labels[index]), index, replaced))
+        return samples
 
 
 def collate_multicrop(samples) -> Batch:

@@ -1,4 +1,4 @@
-"""`sslscale pretrain | linear-eval | export | prepare-data`.
+"""`sslscale pretrain | linear-eval | export | prepare-data | preview`.
 
 Errors a user can fix (bad config, missing data, mismatched checkpoint) print one clear message and
 exit with status 2; a run stopped by SIGTERM / SIGUSR2 exits with EXIT_STOPPED_FOR_REQUEUE after
@@ -77,6 +77,25 @@ def _prepare_data(args) -> int:
     return 0
 
 
+def _preview(args) -> int:
+    from data_pipelines.loaders import multicrop_batches
+    from data_pipelines.preview import crop_grid, save_png
+    from data_pipelines.sources import build_source
+    from sslscale.config import ConfigError, load_config
+    cfg = load_config(args.config, args.overrides)
+    problems = [f"data.{p}" for p in cfg.data.check_paths() + cfg.data.check_backend()]
+    if problems:
+        raise ConfigError(problems)
+    source = build_source(cfg.data, "train")
+    cfg.data.batch_size = min(args.images, len(source))
+    batch = next(iter(multicrop_batches(source, cfg.data, seed=cfg.run.seed, rank=0, world_size=1,
+                                        start_step=args.step, num_steps=1)))
+    save_png(crop_grid(batch, cfg.data.augment.mean, cfg.data.augment.std, args.images), args.output)
+    print(f"wrote {args.output}: {len(batch.index)} images x {len(batch.crops)} crops of step {args.step} "
+          f"({cfg.data.backend} backend); rows are images, columns crops")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslscale", description="Self-supervised pretraining: DISSL, CISSL, "
                                      "SimCLR, DINO; linear probing of frozen trunks.")
@@ -103,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-path", default=None, help="where the source's files are (fashion_mnist)")
     p.add_argument("--limit", type=int, default=None, help="write at most this many images per split")
     p.set_defaults(func=_prepare_data)
+
+    p = commands.add_parser("preview", help="write a PNG of the crops a config feeds the model")
+    p.add_argument("config")
+    p.add_argument("output", help="e.g. crops.png")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. data.backend=dali")
+    p.add_argument("--images", type=int, default=8, help="rows (images) in the grid")
+    p.add_argument("--step", type=int, default=0, help="the training step whose first images are shown")
+    p.set_defaults(func=_preview)
     return parser
 
 

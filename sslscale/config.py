@@ -433,6 +433,9 @@ def validate(c: Config) -> list[str]:
         e += _positive("train.max_steps", c.train.max_steps)
     e += _choice("train.precision", c.train.precision, PRECISIONS)
     e += _choice("train.device", c.train.device, DEVICES)
+    if c.data.device == "gpu" and c.train.device == "cpu":
+        e.append("data.device: 'gpu' with train.device: 'cpu' would augment on a GPU only to copy every crop back; "
+                 "use data.device: cpu, or train.device: auto / cuda")
     e += _positive("train.log_every_steps", c.train.log_every_steps)
     e += _positive("train.max_nonfinite_steps", c.train.max_nonfinite_steps)
     e += _choice("dist.strategy", c.dist.strategy, STRATEGIES)

@@ -83,6 +83,11 @@ class Monitor:
                   file=self.stream, flush=True)
         self._reset_window(now)
 
+    def image(self, tag: str, image, step: int) -> None:
+        """A uint8 [3, H, W] image in TensorBoard (rank 0 only)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
+
     def state_dict(self) -> dict:
         return {"first": self.first, "last": self.last}
 

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from data_pipelines.sources import build_source
-from data_pipelines.torchvision import multicrop_loader
+from data_pipelines.loaders import multicrop_batches
+from data_pipelines.preview import crop_grid, save_png
 from sslscale import dcp_io
 from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signature
 from sslscale.config import Config, ConfigError, dump_config, load_config
@@ -144,7 +145,7 @@ def autocast(device: torch.device, precision: str):
 
 def preflight(cfg: Config) -> None:
     """Checks that need the file system, before anything is written or any GPU time is spent."""
-    problems = [f"data.{p}" for p in cfg.data.check_paths()]
+    problems = [f"data.{p}" for p in cfg.data.check_paths() + cfg.data.check_backend()]
     if problems:
         raise ConfigError(problems)
     try:
@@ -373,11 +374,12 @@ class Trainer:
             print(f"{cfg.run_dir} is already at step {progress.step} of {self.end_step}; nothing to train",
                   file=self.stream)
             return self.monitor.state_dict()
-        loader = multicrop_loader(self.source, cfg.data, seed=cfg.run.seed, rank=self.env.rank,
-                                  world_size=self.env.world_size,
-                                  start_step=progress.step, num_steps=self.end_step - progress.step)
+        loader = multicrop_batches(self.source, cfg.data, seed=cfg.run.seed, rank=self.env.rank,
+                                   world_size=self.env.world_size,
+                                   start_step=progress.step, num_steps=self.end_step - progress.step)
         self.model.train()
         self.monitor.start(progress.step)
+        first_step = progress.step
         try:
             with StopSignal() as stop:
                 waited_since = time.perf_counter()
@@ -385,6 +387,8 @@ class Trainer:
                     data_seconds = time.perf_counter() - waited_since
                     step = progress.step
                     lr = self.schedule.apply(self.optimizer, step * self.global_batch)
+                    if step == first_step and self.env.is_main:
+                        self.show_crops(batch, step)
                     batch = batch.to(self.device, memory_format=self.layout)
                     progress.unreadable_total += batch.n_unreadable
                     loss, logs = self.train_step(batch, step)
@@ -415,6 +419,12 @@ class Trainer:
             if self.peers is not None:
                 self.peers.close()
         return self.monitor.state_dict()
+
+    def show_crops(self, batch, step: int) -> None:
+        """What the model sees, at the start of every (re)start: crops.png in the run folder and TensorBoard."""
+        grid = crop_grid(batch, self.cfg.data.augment.mean, self.cfg.data.augment.std)
+        save_png(grid, os.path.join(self.cfg.run_dir, "crops.png"))
+        self.monitor.image("data/crops", grid, step)
 
 
 def describe_signal(signum: int | None) -> str:
