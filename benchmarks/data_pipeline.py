@@ -86,9 +86,10 @@ def main() -> None:
     parser.add_argument("--folder", help="a class-folder tree of images (default: generated JPEGs)")
     parser.add_argument("--images", type=int, default=256, help="images to generate (default 256)")
     parser.add_argument("--recipes", default="m2,m6,m8")
-    parser.add_argument("--batch", type=int, default=32, help="batch per step (one rank)")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64, help="batch per step (one rank)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed batches first (covers start-up and what prefetching filled in)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torchvision DataLoader workers = DALI CPU threads (default: all cores)")
     args = parser.parse_args()
@@ -101,20 +102,18 @@ def main() -> None:
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}; "
               f"{len(source)} images from {args.folder or 'generated JPEGs'}; batch {args.batch}, "
               f"{args.threads} threads/workers, {args.steps} timed steps after {args.warmup}")
-        header = f"{'recipe':7}{'crops':>6}" + "".join(f"{b + ' img/s':>18}" for b in backends)
-        print(header + f"{'dali-cpu/tv':>13}" + (f"{'dali-gpu/tv':>13}" if len(backends) > 2 else ""))
+        print(f"{'recipe':8}{'crops':>6}" + "".join(f"{name + ' img/s':>22}" for name in backends)
+              + "".join(f"{name + '/torchvision':>24}" for name in backends[1:]))
         for recipe in args.recipes.split(","):
             cfg = load_config(os.path.join(REPO, RECIPES[recipe]),
                               ["data.source=folder", f"data.batch_size={args.batch}",
                                f"data.num_workers={args.threads}", "data.backend=torchvision", "data.device=cpu"])
-            crops_per_image = sum(g.count for g in cfg.data.crops)
+            crops = sum(g.count for g in cfg.data.crops)
             rates = {b: args.batch / run_backend(b, source, cfg.data, args.steps, args.warmup) for b in backends}
-            line = f"{recipe:7}{crops_per_image:>6}" + "".join(
-                f"{rates[b]:>9.0f} ({rates[b] * crops_per_image:>6.0f} c/s)"[:18].rjust(18) for b in backends)
-            line += f"{rates['dali-cpu'] / rates['torchvision']:>12.2f}x"
-            if "dali-gpu" in rates:
-                line += f"{rates['dali-gpu'] / rates['torchvision']:>12.2f}x"
-            print(line, flush=True)
+            cells = [f"{rates[b]:7.1f} ({rates[b] * crops:6.0f} crops/s)" for b in backends]
+            ratios = [f"{rates[b] / rates['torchvision']:.2f}x" for b in backends[1:]]
+            print(f"{recipe:8}{crops:>6}" + "".join(f"{c:>22}" for c in cells) + "".join(f"{r:>24}" for r in ratios),
+                  flush=True)
 
 
 if __name__ == "__main__":

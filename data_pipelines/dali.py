@@ -14,9 +14,9 @@ What stays in Python, and why:
   still fails to decode is found after the fact (see MultiCropPipeline.__next__) and replaced.
 
 The per-crop chain mirrors torchvision v2's uint8 semantics (each colour op floors to whole
-values and clamps to [0, 255], contrast blends towards the mean of the floored grayscale, blur
-rounds). One op differs: DALI's hue rotation works in YIQ space, torchvision's in HSV; the
-rotation angle is the same (360 x hue factor degrees).
+values and clamps to [0, 255], contrast blends towards the mean of the floored grayscale, hue
+rotates in HSV, blur rounds), written with DALI's arithmetic ops where DALI's fused colour ops
+compute something else (fn.hue rotates in YIQ space, fn.contrast centres on grey 128).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from PIL import Image
 from data_pipelines import params as draws
 from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, CropGroup, blur_kernel_size
 from data_pipelines.batch import Batch
-from data_pipelines.params import BRIGHTNESS, CONTRAST, SATURATION, jitter_ranges
+from data_pipelines.params import BRIGHTNESS, CONTRAST, HUE, jitter_ranges
 from data_pipelines.sources import FileSource, ImageSource, SampleStream, Subset, UnreadableImage, first_readable
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 DALI_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
 # Pipeline rebuilds after decode failures that the header checks did not catch, before giving up.
 MAX_PIPELINE_REBUILDS = 16
+PREFETCH = 2  # batches DALI prepares ahead
 
 
 class BackendUnavailable(RuntimeError):
@@ -126,6 +127,7 @@ class StepFeeder:
         self.encoded = reads_files(source)
         self.known_bad: set[int] = set()  # images DALI failed to decode (found by MultiCropPipeline)
         self.groups = [group for group in crops for _ in range(group.count)]
+        self.plan = JitterPlan(spec)
 
     def first_position(self, step: int) -> int:
         return step * self.global_batch + self.offset
@@ -148,28 +150,67 @@ class StepFeeder:
         for params, group in zip(draws.draw(self.crops, self.spec, self.seed, first, self.local_batch), self.groups):
             top, left, height, width = params.window(heights, widths, group).T.astype(np.float32)
             outputs += [np.stack([top, left], 1), np.stack([top + height, left + width], 1),
-                        params.flip.astype(np.int32), params.jitter, params.factors, params.order,
+                        params.flip.astype(np.int32), params.jitter, params.factors,
                         params.grayscale, params.blur, params.sigma, params.solarize]
+            outputs += list(self.plan.steps(params.order, params.jitter))
         return tuple(outputs)
 
 
-PER_CROP_INPUTS = 10  # roi_start, roi_end, flip, jitter, factors, order, grayscale, blur, sigma, solarize
-META_INPUTS = 4       # images, labels, indices, replacements
+class JitterPlan:
+    """Turns each sample's random order of the colour jitters into a graph without four copies of each op.
+
+    Hue, by far the most expensive op, runs once per crop: the brightness, contrast and saturation
+    jitters that come before it in a sample's order run in the `pre` slots, those after it in the
+    `post` slots. Each slot holds one conditional per op, and Python decides which (if any) applies.
+    """
+
+    def __init__(self, spec: AugmentSpec):
+        enabled = [op for op, bounds in enumerate(jitter_ranges(spec)) if bounds is not None]
+        self.blend_ops = [op for op in enabled if op != HUE]   # brightness, contrast, saturation
+        self.hue = HUE in enabled
+        self.slots = [("pre", j) for j in range(len(self.blend_ops))]
+        if self.hue:
+            self.slots += [("post", j) for j in range(len(self.blend_ops))]
+
+    def input_names(self) -> list[str]:
+        return [f"{where}{j}_op{op}" for where, j in self.slots for op in self.blend_ops]
+
+    def steps(self, order: np.ndarray, jitter: np.ndarray):
+        """For every (slot, op) of input_names: does the sample apply that op in that slot?"""
+        pre = np.full((len(order), len(self.blend_ops)), -1)
+        post = np.full_like(pre, -1)
+        for i, sample_order in enumerate(order):
+            if not jitter[i]:
+                continue
+            sequence = [op for op in sample_order if op in self.blend_ops]
+            split = list(sample_order).index(HUE) if self.hue else len(sample_order)
+            before = [op for op in sample_order[:split] if op in self.blend_ops]
+            pre[i, :len(before)] = before
+            post[i, :len(sequence) - len(before)] = [op for op in sample_order[split + 1:] if op in self.blend_ops]
+        for where, j in self.slots:
+            table = pre if where == "pre" else post
+            for op in self.blend_ops:
+                yield table[:, j] == op
+
+
+CROP_INPUTS = ["roi_start", "roi_end", "flip", "jitter", "factors", "grayscale", "blur", "sigma", "solarize"]
+META_INPUTS = 4  # images, labels, indices, replacements
 
 
 def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device_id: int | None,
-                   num_threads: int, seed: int, prefetch: int = 2):
+                   num_threads: int, seed: int, prefetch: int = PREFETCH):
     """The DALI pipeline graph; `device` is "gpu" or "cpu"."""
     from nvidia.dali import fn, pipeline_def, types
 
     import nvidia.dali.math as dmath
 
     interpolation = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
-    enabled_ops = [op for op, bounds in enumerate(jitter_ranges(spec)) if bounds is not None]
     blur_window = blur_kernel_size(spec.blur_sigma[1])
     mean = [255 * m for m in spec.mean]
     std = [255 * s for s in spec.std]
     on_gpu = device == "gpu"
+    plan = feeder.plan
+    luma_weights = [0.2989, 0.587, 0.114]  # torchvision's rgb_to_grayscale
 
     def whole(x):
         """uint8 semantics: clamp to [0, 255] and drop the fraction, as torchvision's uint8 ops do."""
@@ -177,80 +218,75 @@ def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device
 
     def gray(x):
         """torchvision's floored luma, [H, W, 1]."""
-        luma = dmath.floor(x[:, :, 0] * 0.2989 + x[:, :, 1] * 0.587 + x[:, :, 2] * 0.114)
-        return fn.expand_dims(luma, axes=[2], new_axis_names="C")
-
-    def blend(x, other, factor):
-        return whole(x * factor + other * (1.0 - factor))
+        return dmath.floor(fn.coord_transform(x, M=luma_weights))
 
     def per_sample(value):
         """Per-sample factors enter arithmetic on the device the images are on."""
         return value.gpu() if on_gpu else value
 
-    def jitter_op(op, x, factors):
-        factor = factors[op]
+    def blend_op(op, x, factor):
         if op == BRIGHTNESS:
-            return whole(x * per_sample(factor))
-        if op == CONTRAST:
-            return blend(x, fn.reductions.mean(gray(x)), per_sample(factor))
-        if op == SATURATION:
-            return blend(x, gray(x), per_sample(factor))
-        return hue_shift(x, per_sample(factor))
+            return whole(x * factor)
+        other = fn.reductions.mean(gray(x)) if op == CONTRAST else gray(x)  # SATURATION: the pixel's own grey
+        return whole(x * factor + other * (1.0 - factor))
 
     def hue_shift(x, shift):
-        """torchvision's adjust_hue: RGB -> HSV, rotate H by `shift` turns, HSV -> RGB (its formulas, in
-        DALI arithmetic; DALI's own fn.hue rotates in YIQ space, which moves pixels by ~10 levels more)."""
-        r, g, b = x[:, :, 0] / 255.0, x[:, :, 1] / 255.0, x[:, :, 2] / 255.0
-        v = dmath.max(dmath.max(r, g), b)
-        low = dmath.min(dmath.min(r, g), b)
-        flat = v == low
-        spread = v - low
-        s = spread / (v + flat * (1.0 - v))
-        divisor = spread + flat * 1.0
-        rc, gc, bc = (v - r) / divisor, (v - g) / divisor, (v - b) / divisor
-        r_max, g_max, not_r = v == r, v == g, v != r
-        h = (bc - gc) * r_max + (2.0 + rc - bc) * (g_max & not_r) + (4.0 + gc - rc) * (not_r & (v != g))
-        h = h / 6.0 + 1.0
-        h = h - dmath.floor(h) + shift
-        h6 = (h - dmath.floor(h)) * 6.0
-        sector = dmath.floor(h6)
-        f = h6 - sector
-        sector = sector - 6.0 * dmath.floor(sector / 6.0)
-        p = dmath.clamp(v * (1.0 - s), 0.0, 1.0)
-        q = dmath.clamp(v * (1.0 - s * f), 0.0, 1.0)
-        t = dmath.clamp(v * (1.0 - s + s * f), 0.0, 1.0)
-        m = [sector == float(k) for k in range(6)]
-        red = v * (m[0] | m[5]) + q * m[1] + p * (m[2] | m[3]) + t * m[4]
-        green = t * m[0] + v * (m[1] | m[2]) + q * m[3] + p * (m[4] | m[5])
-        blue = p * (m[0] | m[1]) + t * m[2] + v * (m[3] | m[4]) + q * m[5]
-        channels = [fn.expand_dims(dmath.floor(c * 255.999), axes=[2], new_axis_names="C") for c in (red, green, blue)]
-        return fn.cat(*channels, axis=2)
+        """torchvision's adjust_hue: RGB -> HSV, rotate H by `shift` turns, HSV -> RGB (its formulas, written
+        for DALI's arithmetic ops; DALI's own fn.hue rotates in YIQ space, ~10 grey levels away)."""
+        x = x * (1.0 / 255.0)
+        r, g, b = x[:, :, 0:1], x[:, :, 1:2], x[:, :, 2:3]
+        v = fn.reductions.max(x, axes=[2], keep_dims=True)
+        spread = v - fn.reductions.min(x, axes=[2], keep_dims=True)
+        flat = spread == 0.0
+        saturation = spread / dmath.max(v, flat)  # torchvision: spread / (1 if flat else v)
+        divisor = spread + flat
+        not_r = v != r
+        hue6 = ((g - b) * (v == r) + ((b - r) + 2.0 * divisor) * ((v == g) & not_r)
+                + ((r - g) + 4.0 * divisor) * ((v != g) & not_r)) / divisor  # hue in sixths of a turn
+        turns = hue6 * (1.0 / 6.0) + 1.0 + shift
+        hue6 = (turns - dmath.floor(turns)) * 6.0
+        # HSV -> RGB, channel c = v - v s w_c with w_c a clamped triangle of (hue6 + 5, 3, 1 mod 6): the same
+        # values as torchvision's six-sector table, in a few ops on all three channels at once.
+        k = hue6 + types.Constant(np.array([5.0, 3.0, 1.0], np.float32))
+        k = k - 6.0 * dmath.floor(k * (1.0 / 6.0))
+        weight = dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
+        rgb = dmath.clamp(v - v * saturation * weight, 0.0, 1.0)
+        return dmath.floor(rgb * 255.999)  # torchvision's float -> uint8 conversion
 
-    def crop_chain(image, group: CropGroup, roi_start, roi_end, flip, jitter, factors, order, grayscale, blur,
-                   sigma, solarize):
+    def color_jitter(x, inputs):
+        factors = per_sample(inputs["factors"])
+        for where, j in plan.slots:
+            if where == "post" and j == 0:
+                x = hue_shift(x, factors[HUE])
+            for op in plan.blend_ops:
+                if inputs[f"{where}{j}_op{op}"]:
+                    x = blend_op(op, x, factors[op])
+        if plan.hue and not plan.blend_ops:
+            x = hue_shift(x, factors[HUE])
+        return x
+
+    def crop_chain(image, group: CropGroup, inputs: dict):
         # Cut the window out first: resizing with a ROI would let the filters reach pixels outside it,
         # which torchvision's crop-then-resize never sees (visible when small windows are upscaled).
-        window = fn.slice(image, roi_start, roi_end - roi_start, axes=[0, 1], normalized_anchor=False,
-                          normalized_shape=False)
+        window = fn.slice(image, inputs["roi_start"], inputs["roi_end"] - inputs["roi_start"], axes=[0, 1],
+                          normalized_anchor=False, normalized_shape=False)
         x = fn.resize(window, size=[group.size, group.size], interp_type=interpolation[group.interpolation],
                       antialias=True)
         x = fn.cast(x, dtype=types.FLOAT)
-        if jitter:
-            for slot in range(4):
-                for op in enabled_ops:
-                    if order[slot] == op:
-                        x = jitter_op(op, x, factors)
-        if grayscale:
-            luma = gray(x)
-            x = fn.cat(luma, luma, luma, axis=2)
-        if blur:
-            x = dmath.floor(fn.gaussian_blur(x, sigma=sigma, window_size=blur_window) + 0.5)
-        if solarize:
+        if inputs["jitter"]:
+            x = color_jitter(x, inputs)
+        if inputs["grayscale"]:
+            x = dmath.floor(fn.coord_transform(x, M=luma_weights * 3))
+        if inputs["blur"]:
+            x = dmath.floor(fn.gaussian_blur(x, sigma=inputs["sigma"], window_size=blur_window) + 0.5)
+        if inputs["solarize"]:
             x = x + (x >= float(SOLARIZE_THRESHOLD)) * (255.0 - 2.0 * x)
         # The flip commutes with every op before it (all are symmetric or per pixel), so it is done here.
-        return fn.crop_mirror_normalize(x, mirror=flip, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
+        return fn.crop_mirror_normalize(x, mirror=inputs["flip"], dtype=types.FLOAT, output_layout="CHW",
+                                        mean=mean, std=std)
 
-    n_outputs = META_INPUTS + PER_CROP_INPUTS * len(feeder.groups)
+    names = CROP_INPUTS + plan.input_names()
+    n_outputs = META_INPUTS + len(names) * len(feeder.groups)
 
     @pipeline_def(batch_size=feeder.local_batch, num_threads=max(1, num_threads), device_id=device_id,
                   seed=seed, prefetch_queue_depth=prefetch, enable_conditionals=True)
@@ -264,8 +300,8 @@ def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device
             image = fn.reshape(data.gpu() if on_gpu else data, layout="HWC")
         crops = []
         for slot, group in enumerate(feeder.groups):
-            first = META_INPUTS + slot * PER_CROP_INPUTS
-            crops.append(crop_chain(image, group, *inputs[first:first + PER_CROP_INPUTS]))
+            first = META_INPUTS + slot * len(names)
+            crops.append(crop_chain(image, group, dict(zip(names, inputs[first:first + len(names)]))))
         return (*crops, labels, indices, replaced)
 
     return multicrop()
@@ -323,8 +359,12 @@ class MultiCropPipeline:
         self.pipe = None
         if not self.feeder.encoded or self.rebuilds >= MAX_PIPELINE_REBUILDS:
             raise error
-        first = self.feeder.first_position(self.step)
-        suspects = {self.feeder.stream.index(p) for p in range(first, first + self.feeder.local_batch)}
+        # The images fed for this step and the ones prefetched after it (the failure may be in either).
+        suspects = set()
+        for step in range(self.step, self.step + PREFETCH + 1):
+            first = self.feeder.first_position(step)
+            suspects |= {first_readable(self.feeder.read, len(self.feeder.source), self.feeder.stream.index(p))[1]
+                         for p in range(first, first + self.feeder.local_batch)}
         bad = set()
         for index in sorted(suspects - self.feeder.known_bad):
             try:
