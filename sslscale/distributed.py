@@ -185,7 +185,10 @@ class PeerWatch:
         return "every rank is alive and at this step; see the error above"
 
     def close(self) -> None:
+        """Stop beating and wait for the thread: a thread left inside a store call while the process exits
+        (or while rank 0, which may serve the store, exits) can abort the process at teardown."""
         self._stop.set()
+        self._thread.join(timeout=10 * self.interval_s)
 
 
 class AllGatherWithGrad:

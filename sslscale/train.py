@@ -418,6 +418,9 @@ class Trainer:
             self.monitor.close()
             if self.peers is not None:
                 self.peers.close()
+        if self.env.is_distributed:
+            # Leave together: rank 0 may serve the rendezvous store, which the others use until here.
+            torch.distributed.barrier()
         return self.monitor.state_dict()
 
     def show_crops(self, batch, step: int) -> None:
