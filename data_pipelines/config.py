@@ -58,6 +58,10 @@ class DataConfig:
                               f"{smallest}-px crops; lower blur_sigma or set blur_p: 0")
         return errors
 
+    def check_machine(self) -> list[str]:
+        """Everything about this machine a run needs from the data section: files and backend."""
+        return self.check_paths() + self.check_backend()
+
     def check_backend(self) -> list[str]:
         """Is the backend (and device) the config asks for on this machine? Run before a job starts."""
         if self.backend != "dali":

@@ -32,7 +32,7 @@ from data_pipelines import params as draws
 from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, CropGroup, blur_kernel_size
 from data_pipelines.batch import Batch
 from data_pipelines.params import BRIGHTNESS, CONTRAST, HUE, jitter_ranges
-from data_pipelines.sources import FileSource, ImageSource, SampleStream, Subset, UnreadableImage, first_readable
+from data_pipelines.sources import ImageSource, SampleStream, UnreadableImage, first_readable
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +67,6 @@ class ReadImage:
     payload: np.ndarray  # encoded file bytes (uint8 [n]) or decoded pixels (uint8 [H, W, 3])
     height: int
     width: int
-
-
-def file_of(source: ImageSource, index: int) -> str | None:
-    """The path of image `index` if the source reads files, else None."""
-    if isinstance(source, Subset):
-        return file_of(source.source, int(source.indices[index]))
-    if isinstance(source, FileSource):
-        return source.paths[index]
-    return None
-
-
-def reads_files(source: ImageSource) -> bool:
-    return file_of(source, 0) is not None
 
 
 def read_encoded(path: str) -> ReadImage:
@@ -124,7 +111,7 @@ class StepFeeder:
         self.local_batch = global_batch // world_size
         self.offset = rank * self.local_batch
         self.global_batch, self.start_step = global_batch, start_step
-        self.encoded = reads_files(source)
+        self.encoded = source.path(0) is not None  # files: DALI decodes them; else raw pixels
         self.known_bad: set[int] = set()  # images DALI failed to decode (found by MultiCropPipeline)
         self.groups = [group for group in crops for _ in range(group.count)]
         self.plan = JitterPlan(spec)
@@ -135,7 +122,7 @@ class StepFeeder:
     def read(self, index: int) -> ReadImage:
         if index in self.known_bad:
             raise UnreadableImage(f"image {index} failed to decode earlier")
-        return read_encoded(file_of(self.source, index)) if self.encoded else read_decoded(self.source, index)
+        return read_encoded(self.source.path(index)) if self.encoded else read_decoded(self.source, index)
 
     def __call__(self, info):
         first = self.first_position(self.start_step + info.iteration)
@@ -182,11 +169,10 @@ class JitterPlan:
         for i, sample_order in enumerate(order):
             if not jitter[i]:
                 continue
-            sequence = [op for op in sample_order if op in self.blend_ops]
             split = list(sample_order).index(HUE) if self.hue else len(sample_order)
             before = [op for op in sample_order[:split] if op in self.blend_ops]
-            pre[i, :len(before)] = before
-            post[i, :len(sequence) - len(before)] = [op for op in sample_order[split + 1:] if op in self.blend_ops]
+            after = [op for op in sample_order[split + 1:] if op in self.blend_ops]
+            pre[i, :len(before)], post[i, :len(after)] = before, after
         for where, j in self.slots:
             table = pre if where == "pre" else post
             for op in self.blend_ops:

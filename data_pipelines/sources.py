@@ -62,6 +62,10 @@ class ImageSource(abc.ABC):
     def load(self, index: int) -> torch.Tensor:
         """The image as uint8 [3, H, W] (grayscale is repeated to three channels)."""
 
+    def path(self, index: int) -> str | None:
+        """The file image `index` is read from; None for images held in memory."""
+        return None
+
 
 class ArraySource(ImageSource):
     """Images held in memory as one uint8 array [n, H, W] (grayscale) or [n, H, W, 3]."""
@@ -88,6 +92,9 @@ class FileSource(ImageSource):
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self.classes = classes
 
+    def path(self, index: int) -> str:
+        return self.paths[index]
+
     def load(self, index: int) -> torch.Tensor:
         path = self.paths[index]
         try:
@@ -108,6 +115,9 @@ class Subset(ImageSource):
 
     def load(self, index: int) -> torch.Tensor:
         return self.source.load(int(self.indices[index]))
+
+    def path(self, index: int) -> str | None:
+        return self.source.path(int(self.indices[index]))
 
 
 def random_subset(source: ImageSource, size: int | None, seed: int) -> ImageSource:

@@ -83,7 +83,7 @@ def _preview(args) -> int:
     from data_pipelines.sources import build_source
     from sslscale.config import ConfigError, load_config
     cfg = load_config(args.config, args.overrides)
-    problems = [f"data.{p}" for p in cfg.data.check_paths() + cfg.data.check_backend()]
+    problems = [f"data.{p}" for p in cfg.data.check_machine()]
     if problems:
         raise ConfigError(problems)
     source = build_source(cfg.data, "train")
@@ -91,8 +91,8 @@ def _preview(args) -> int:
     batch = next(iter(multicrop_batches(source, cfg.data, seed=cfg.run.seed, rank=0, world_size=1,
                                         start_step=args.step, num_steps=1)))
     save_png(crop_grid(batch, cfg.data.augment.mean, cfg.data.augment.std, args.images), args.output)
-    print(f"wrote {args.output}: {len(batch.index)} images x {len(batch.crops)} crops of step {args.step} "
-          f"({cfg.data.backend} backend); rows are images, columns crops")
+    print(f"wrote {args.output}: {len(batch.index)} images x {len(batch.crops)} crops from stream position "
+          f"{args.step * cfg.data.batch_size} ({cfg.data.backend} backend); rows are images, columns crops")
     return 0
 
 
@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="e.g. crops.png")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. data.backend=dali")
     p.add_argument("--images", type=int, default=8, help="rows (images) in the grid")
-    p.add_argument("--step", type=int, default=0, help="the training step whose first images are shown")
+    p.add_argument("--step", type=int, default=0,
+                   help="show stream images step*N .. step*N+N-1 (N = --images) instead of the first N")
     p.set_defaults(func=_preview)
     return parser
 

@@ -145,7 +145,7 @@ def autocast(device: torch.device, precision: str):
 
 def preflight(cfg: Config) -> None:
     """Checks that need the file system, before anything is written or any GPU time is spent."""
-    problems = [f"data.{p}" for p in cfg.data.check_paths() + cfg.data.check_backend()]
+    problems = [f"data.{p}" for p in cfg.data.check_machine()]
     if problems:
         raise ConfigError(problems)
     try:
