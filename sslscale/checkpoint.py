@@ -146,16 +146,9 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(self.dir, leftover), ignore_errors=True)
 
     def newest_first(self) -> list[str]:
-        """Complete checkpoints to try, newest first (the one `latest` names leads)."""
-        candidates = list(reversed(self.complete()))
-        latest_file = os.path.join(self.dir, "latest")
-        if os.path.exists(latest_file):
-            with open(latest_file) as f:
-                named = f.read().strip()
-            if named in candidates:
-                candidates.remove(named)
-                candidates.insert(0, named)
-        return candidates
+        """Complete checkpoints to try, newest first. Not led by the `latest` pointer: a kill between a
+        checkpoint's commit and the pointer's update leaves the pointer one checkpoint behind."""
+        return list(reversed(self.complete()))
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
