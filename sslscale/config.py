@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 import warnings
@@ -24,6 +25,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 CLUSTERS = ("slurm", "local", "debug")
+COSINE_ORIGINS = ("start", "warmup_end")
 
 
 class ConfigError(ValueError):
@@ -51,6 +53,11 @@ class ModelConfig:
     SHAPE_FIELDS = ("backbone", "width", "dim", "small_image_stem")
 
 
+# Heads are chosen by name: the authors' heads of each recipe (sslscale/models/heads.py, docs/method.md
+# section 8). A width left at None is the named head's own. HEADS maps each head key to its role in the
+# registry, WIDTHS lists the keys that override a width.
+
+
 @dataclass
 class DisslConfig:
     n_classes: int = 16384  # C, the number of equivalence classes
@@ -58,38 +65,50 @@ class DisslConfig:
     beta: float = 0.6  # weight of the teacher invariance term CE_inv
     tau_t: float = 0.5
     tau_s: float = 1.0
-    beta_warmup_steps: int = 0  # 0: no warm-up (METHOD uses 1000 for the 800-epoch recipe)
-    teacher_hidden: int = 2048
-    student_bottleneck: int = 512
+    beta_warmup_steps: int = 0  # 0: no warm-up (the 800-epoch recipe uses 1000)
+    teacher_head: str = "imagenet_d2048"  # imagenet_d2048 | imagenet_d8192 | small_data
+    student_head: str = "low_rank_linear"
+    teacher_hidden: int | None = None
+    teacher_bottleneck: int | None = None
+    student_bottleneck: int | None = None
 
-    SHAPE_FIELDS = ("n_classes", "teacher_hidden", "student_bottleneck")
+    SHAPE_FIELDS = ("n_classes", "teacher_head", "student_head", "teacher_hidden", "teacher_bottleneck",
+                    "student_bottleneck")
+    HEADS = {"teacher_head": "dissl_teacher", "student_head": "dissl_student"}
+    WIDTHS = ("teacher_hidden", "teacher_bottleneck", "student_bottleneck")
 
 
 @dataclass
 class CisslConfig:
     tau: float = 0.1
     dim: int = 128
-    teacher_hidden: int = 2048
-    teacher_layers: int = 3  # 3 for ImageNet, 2 for small data
+    teacher_head: str = "imagenet"  # imagenet | small_data
+    student_head: str = "imagenet"  # imagenet | small_data
+    teacher_hidden: int | None = None
 
-    SHAPE_FIELDS = ("dim", "teacher_hidden", "teacher_layers")
+    SHAPE_FIELDS = ("dim", "teacher_head", "student_head", "teacher_hidden")
+    HEADS = {"teacher_head": "cissl_teacher", "student_head": "cissl_student"}
+    WIDTHS = ("teacher_hidden",)
 
 
 @dataclass
 class SimclrConfig:
     tau: float = 0.1
     dim: int = 128
-    hidden: int = 2048
-    layers: int = 3
+    head: str = "imagenet"  # imagenet | small_data: the CISSL teacher MLP of that recipe
+    hidden: int | None = None
 
-    SHAPE_FIELDS = ("dim", "hidden", "layers")
+    SHAPE_FIELDS = ("dim", "head", "hidden")
+    HEADS = {"head": "simclr"}
+    WIDTHS = ("hidden",)
 
 
 @dataclass
 class DinoConfig:
     n_prototypes: int = 1000
-    hidden: int = 1024
-    bottleneck: int = 256
+    head: str = "issl_baseline"
+    hidden: int | None = None
+    bottleneck: int | None = None
     tau_s: float = 0.1
     tau_t_start: float = 0.04
     tau_t_end: float = 0.07
@@ -98,7 +117,9 @@ class DinoConfig:
     center_momentum: float = 0.9
     freeze_last_layer_epochs: float = 1
 
-    SHAPE_FIELDS = ("n_prototypes", "hidden", "bottleneck")
+    SHAPE_FIELDS = ("n_prototypes", "head", "hidden", "bottleneck")
+    HEADS = {"head": "dino"}
+    WIDTHS = ("hidden", "bottleneck")
 
 
 @dataclass
@@ -124,6 +145,10 @@ class OptimConfig:
     exclude_bias_and_norm: bool = False  # no weight decay (and no LARS scaling) for biases and norms
     warmup_epochs: float = 10
     warmup_start_factor: float = 0.001  # warm-up starts at this fraction of the peak lr
+    # Where the cosine after the warm-up counts from. start: lr = peak (1 + cos(pi t / T)) / 2 with t, T from
+    # the start of training (the ImageNet recipe; the lr steps down at the end of the warm-up); warmup_end:
+    # the cosine restarts there, t and T counted from the end of the warm-up (the small-data recipe).
+    cosine_from: str = "start"
     grad_clip_value: float | None = None
     grad_clip_norm: float | None = None
 
@@ -222,7 +247,6 @@ class Config:
 
     @property
     def run_dir(self) -> str:
-        import os
         return os.path.join(self.run.root, self.run.name)
 
     def validate(self) -> list[str]:
@@ -248,23 +272,51 @@ class Config:
 
 def load_config(path: str | None = None, overrides: list[str] = (), *, check: bool = True) -> Config:
     """YAML file (optional) + `a.b=value` overrides -> a validated Config."""
-    raw: dict = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError([f"config file {path} does not exist"]) from None
-        except yaml.YAMLError as error:
-            raise ConfigError([f"config file {path} is not valid YAML: {error}"]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError([f"config file {path}: the top level must be a mapping of sections"])
+    raw = read_config_file(path) if path is not None else {}
     problems: list[str] = []
     for item in overrides:
         problems += apply_override(raw, item)
     if problems:
         raise ConfigError(problems)
     return config_from_dict(raw, check=check)
+
+
+BASE_KEY = "base"  # a recipe may start from another one: `base: other.yaml`, relative to its own folder
+
+
+def read_config_file(path: str, _children: tuple[str, ...] = ()) -> dict:
+    """A YAML recipe as a dict, with its `base:` chain merged in (the file's own values win; sections
+    merge key by key, lists and values are replaced whole)."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        where = f" (the base of {_children[-1]})" if _children else ""
+        raise ConfigError([f"config file {path} does not exist{where}"]) from None
+    except yaml.YAMLError as error:
+        raise ConfigError([f"config file {path} is not valid YAML: {error}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config file {path}: the top level must be a mapping of sections"])
+    base = raw.pop(BASE_KEY, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError([f"config file {path}: {BASE_KEY}: expected the path of another config, got {base!r}"])
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    chain = (*_children, os.path.normpath(path))
+    if base_path in chain:
+        raise ConfigError([f"config file {path}: {BASE_KEY}: {base} leads back to itself ({' -> '.join(chain)})"])
+    return merge_sections(read_config_file(base_path, chain), raw)
+
+
+def merge_sections(base: dict, own: dict) -> dict:
+    merged = dict(base)
+    for key, value in own.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_sections(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def config_from_dict(raw: dict, *, check: bool = True) -> Config:
@@ -386,11 +438,8 @@ def _plain(value):
 
 
 def dump_config(config: Config, path: str) -> None:
-    import os
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    from sslscale.atomic import write_text_atomic
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +469,7 @@ def validate(c: Config) -> list[str]:
         e.append(f"optim.weight_decay: {c.optim.weight_decay} must be >= 0")
     if not 0 <= c.optim.momentum < 1:
         e.append(f"optim.momentum: {c.optim.momentum}; valid range is [0, 1)")
+    e += _choice("optim.cosine_from", c.optim.cosine_from, COSINE_ORIGINS)
     if not 0 < c.optim.warmup_start_factor <= 1:
         e.append(f"optim.warmup_start_factor: {c.optim.warmup_start_factor}; valid range is (0, 1]")
     for key in ("grad_clip_value", "grad_clip_norm"):
@@ -476,16 +526,30 @@ def _validate_slurm(s: SlurmConfig) -> list[str]:
     return e
 
 
+def _validate_heads(name: str, section) -> list[str]:
+    """Head names against the registry of their role, widths > 0 where given."""
+    from sslscale.models.heads import HEADS
+    e = []
+    for key, role in section.HEADS.items():
+        e += _choice(f"objective.{name}.{key}", getattr(section, key), tuple(HEADS[role]))
+    for key in section.WIDTHS:
+        if getattr(section, key) is not None:
+            e += _positive(f"objective.{name}.{key}", getattr(section, key))
+    return e
+
+
 def _validate_objective(c: Config) -> list[str]:
     e: list[str] = []
     n_crops = sum(g.count for g in c.data.crops)
     n_large = c.data.crops[0].count if c.data.crops else 0
     name = c.objective.name
+    if name in OBJECTIVES:
+        e += _validate_heads(name, c.objective.selected)
     if name == "dissl":
         d = c.objective.dissl
         if d.n_classes < 2:
             e.append(f"objective.dissl.n_classes: {d.n_classes}; C must be >= 2")
-        for key in ("tau_t", "tau_s", "teacher_hidden", "student_bottleneck"):
+        for key in ("tau_t", "tau_s"):
             e += _positive(f"objective.dissl.{key}", getattr(d, key))
         if d.beta_warmup_steps < 0:
             e.append(f"objective.dissl.beta_warmup_steps: {d.beta_warmup_steps} must be >= 0")
@@ -500,15 +564,12 @@ def _validate_objective(c: Config) -> list[str]:
     if name == "cissl":
         e += _positive("objective.cissl.tau", c.objective.cissl.tau)
         e += _positive("objective.cissl.dim", c.objective.cissl.dim)
-        if c.objective.cissl.teacher_layers not in (2, 3):
-            e.append(f"objective.cissl.teacher_layers: {c.objective.cissl.teacher_layers}; valid: 2, 3")
     if name == "simclr":
         e += _positive("objective.simclr.tau", c.objective.simclr.tau)
-        if c.objective.simclr.layers not in (2, 3):
-            e.append(f"objective.simclr.layers: {c.objective.simclr.layers}; valid: 2, 3")
+        e += _positive("objective.simclr.dim", c.objective.simclr.dim)
     if name == "dino":
         d = c.objective.dino
-        for key in ("n_prototypes", "hidden", "bottleneck", "tau_s", "tau_t_start", "tau_t_end"):
+        for key in ("n_prototypes", "tau_s", "tau_t_start", "tau_t_end"):
             e += _positive(f"objective.dino.{key}", getattr(d, key))
         for key in ("momentum_start", "center_momentum"):
             if not 0 <= getattr(d, key) <= 1:

@@ -192,16 +192,21 @@ class PeerWatch:
 
 
 class AllGatherWithGrad:
-    """Concatenates a tensor over ranks (rank order). The backward sums every rank's gradient of
-    the gathered rows onto the rank that owns them (torch.distributed.nn's all_gather), so with
-    gradients averaged over ranks each rank gets the gradient of the global objective."""
+    """Concatenates (or sums) a tensor over ranks, keeping gradients. The gather's backward sums every
+    rank's gradient of the gathered rows onto the rank that owns them (torch.distributed.nn's
+    all_gather); the sum's backward all-reduces the incoming gradients (its all_reduce). With gradients
+    averaged over ranks, each rank then gets the gradient of the global objective."""
 
     def __init__(self):
-        self.rank = dist.get_rank()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from torch.distributed.nn.functional import all_gather
         return torch.cat(all_gather(x.contiguous()))
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_reduce
+        return all_reduce(x.contiguous())
 
 
 class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):

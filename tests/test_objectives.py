@@ -23,7 +23,7 @@ def softmax_rows(rows):
 # ---------------------------------------------------------------- DISSL
 
 def reference_dissl(teacher, student, lam, beta, tau_t, tau_s):
-    """METHOD section 1 written with plain Python loops."""
+    """docs/method.md section 1 written with plain Python loops."""
     p = [softmax_rows([[v / tau_t for v in row] for row in t]) for t in teacher]
     q = [softmax_rows([[v / tau_s for v in row] for row in s]) for s in student]
     B, C = len(teacher[0]), len(teacher[0][0])
@@ -174,27 +174,32 @@ def test_two_rank_losses_average_to_the_one_rank_loss(which):
     assert ((per_rank[0] + per_rank[1]) / 2).item() == pytest.approx(full.item(), rel=1e-5)
 
 
-def test_dissl_marginal_uses_the_gathered_batch():
+def test_dissl_marginal_sums_the_local_sums_of_every_rank():
+    """Each rank contributes only its [K_t, C] sum of teacher probabilities; the marginal is their sum over
+    ranks divided by the global batch, so two half-batch ranks average to the full-batch loss."""
     torch.manual_seed(3)
     teacher = [torch.randn(8, 5) for _ in range(2)]
     student = [t.clone() for t in teacher]
     full, _ = dissl_loss(teacher, student, lam=2.3, beta=0.6, tau_t=0.5, tau_s=1.0)
-    probs = [[F.softmax(t[r * 4:(r + 1) * 4] / 0.5, -1) for t in teacher] for r in range(2)]
+    local_sums = [torch.stack([F.softmax(t[r * 4:(r + 1) * 4] / 0.5, -1).sum(0) for t in teacher]) for r in range(2)]
 
-    class PerTensorGather:
+    class SimulatedSum:
+        world_size = 2
+
         def __init__(self, rank):
-            self.rank, self.calls = rank, 0
+            self.rank, self.shapes = rank, []
 
-        def __call__(self, x):
-            k = self.calls
-            self.calls += 1
-            parts = [probs[r][k] for r in range(2)]
+        def sum(self, x):
+            self.shapes.append(tuple(x.shape))
+            parts = list(local_sums)
             parts[self.rank] = x
-            return torch.cat(parts)
+            return parts[0] + parts[1]
 
+    gathers = [SimulatedSum(r) for r in range(2)]
     halves = [dissl_loss([t[r * 4:(r + 1) * 4] for t in teacher], [s[r * 4:(r + 1) * 4] for s in student],
-                         lam=2.3, beta=0.6, tau_t=0.5, tau_s=1.0, gather=PerTensorGather(r))[0] for r in range(2)]
+                         lam=2.3, beta=0.6, tau_t=0.5, tau_s=1.0, gather=gathers[r])[0] for r in range(2)]
     assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(full.item(), rel=1e-5)
+    assert gathers[0].shapes == [(2, 5)]  # one collective of K_t x C numbers, not of B x C per crop
 
 
 # ---------------------------------------------------------------- DINO

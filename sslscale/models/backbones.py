@@ -1,7 +1,7 @@
 """ResNet trunks: torchvision's blocks and state-dict key names, no fc, optional dimension block.
 
 Keeping torchvision's names (conv1, bn1, layer1..4) plus `resizer` means the published DISSL
-checkpoints (METHOD section 5) load without renaming.
+checkpoints (docs/method.md section 5) load without renaming.
 """
 from __future__ import annotations
 

@@ -1,29 +1,90 @@
-"""Heads that map a representation z to what an objective compares."""
+"""Heads that map a representation z to what an objective compares, built exactly as the method's
+authors built them for each recipe, and chosen by name in the config.
+
+Each role (the DISSL teacher, the CISSL student, ...) has a small registry of named heads. A name
+fixes the shape; the widths default to the authors' and a config may override them (tests and the
+CPU quickstart use narrow heads). "nb" below means no bias; BN is BatchNorm1d.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def mlp(in_dim: int, hidden: int, out_dim: int, layers: int, *, out_norm: bool, out_bias: bool = True) -> nn.Sequential:
-    """Linear(no bias)-BN-ReLU blocks, then a last Linear (optionally followed by an affine-free BN)."""
-    blocks: list[nn.Module] = []
-    width = in_dim
-    for _ in range(layers - 1):
-        blocks += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
-        width = hidden
-    blocks.append(nn.Linear(width, out_dim, bias=out_bias and not out_norm))
-    if out_norm:
-        blocks.append(nn.BatchNorm1d(out_dim))
-    return nn.Sequential(*blocks)
+class Residual(nn.Sequential):
+    """body(x) + x: the skip connection of the authors' residual head blocks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x
 
 
-def low_rank_linear(in_dim: int, bottleneck: int, out_dim: int) -> nn.Sequential:
-    """The DISSL student: linear in z, built low-rank (Linear-BN-Linear: no non-linearity)."""
+def linear_bn_relu(in_dim: int, out_dim: int, *, bias: bool = False) -> list[nn.Module]:
+    return [nn.Linear(in_dim, out_dim, bias=bias), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True)]
+
+
+# ------------------------------------------------------------------------------------------------
+# DISSL (docs/method.md section 8): the teacher maps z to C logits; the student is linear in z, built low-rank.
+
+def dissl_teacher_imagenet_d2048(in_dim: int, n_classes: int, *, hidden: int, bottleneck: int) -> nn.Sequential:
+    """[Lin(d,h,nb)-BN-ReLU-Lin(h,d,nb)-BN-ReLU] + skip, Lin(d,b,nb)-BN-ReLU, Lin(b,C)."""
+    return nn.Sequential(Residual(*linear_bn_relu(in_dim, hidden), *linear_bn_relu(hidden, in_dim)),
+                         *linear_bn_relu(in_dim, bottleneck), nn.Linear(bottleneck, n_classes))
+
+
+def dissl_teacher_imagenet_d8192(in_dim: int, n_classes: int, *, hidden: int, bottleneck: int) -> nn.Sequential:
+    """Lin(d,b,nb)-BN-ReLU, [Lin(b,h)-BN-ReLU-Lin(h,h)-BN-ReLU-Lin(h,b)-BN-ReLU] + skip, Lin(b,C).
+    The residual Linears keep their bias, as the recipe specifies them (BN makes it redundant)."""
+    block = [*linear_bn_relu(bottleneck, hidden, bias=True), *linear_bn_relu(hidden, hidden, bias=True),
+             *linear_bn_relu(hidden, bottleneck, bias=True)]
+    return nn.Sequential(*linear_bn_relu(in_dim, bottleneck), Residual(*block), nn.Linear(bottleneck, n_classes))
+
+
+def dissl_teacher_small_data(in_dim: int, n_classes: int, *, hidden: int, bottleneck: int) -> nn.Sequential:
+    """Lin(d,h,nb)-BN-ReLU-Lin(h,b,nb)-BN, Lin(b,C): the bottleneck is linear (no ReLU after its BN)."""
+    return nn.Sequential(*linear_bn_relu(in_dim, hidden), nn.Linear(hidden, bottleneck, bias=False),
+                         nn.BatchNorm1d(bottleneck), nn.Linear(bottleneck, n_classes))
+
+
+def low_rank_linear(in_dim: int, n_classes: int, *, bottleneck: int) -> nn.Sequential:
+    """The DISSL student: linear in z, built low-rank (Lin(d,b,nb)-BN-Lin(b,C), no non-linearity)."""
     return nn.Sequential(nn.Linear(in_dim, bottleneck, bias=False), nn.BatchNorm1d(bottleneck),
-                         nn.Linear(bottleneck, out_dim))
+                         nn.Linear(bottleneck, n_classes))
 
+
+# ------------------------------------------------------------------------------------------------
+# CISSL and SimCLR: heads to a small embedding that the losses L2-normalise.
+
+def contrastive_mlp_imagenet(in_dim: int, out_dim: int, *, hidden: int) -> nn.Sequential:
+    """Lin(d,h,nb)-BN-ReLU-Lin(h,h,nb)-BN-ReLU-Lin(h,out,nb)-BN, the last BN's bias frozen at 0 (the
+    embedding is only shifted by a learned offset that the normalisation would then mix into every
+    direction)."""
+    out_norm = nn.BatchNorm1d(out_dim)
+    out_norm.bias.requires_grad_(False)  # zero-initialised, and never trained
+    return nn.Sequential(*linear_bn_relu(in_dim, hidden), *linear_bn_relu(hidden, hidden),
+                         nn.Linear(hidden, out_dim, bias=False), out_norm)
+
+
+def contrastive_mlp_small_data(in_dim: int, out_dim: int, *, hidden: int) -> nn.Sequential:
+    """Lin(d,h,nb)-BN-ReLU-Lin(h,out)-BN."""
+    return nn.Sequential(*linear_bn_relu(in_dim, hidden), nn.Linear(hidden, out_dim), nn.BatchNorm1d(out_dim))
+
+
+def linear_bn(in_dim: int, out_dim: int) -> nn.Sequential:
+    """The CISSL student of the ImageNet recipe: Lin(d,out,nb)-BN, the function class of the probe."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim))
+
+
+def linear_with_bias_bn(in_dim: int, out_dim: int) -> nn.Sequential:
+    """The CISSL student of the small-data recipe: Lin(d,out)-BN."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim))
+
+
+# ------------------------------------------------------------------------------------------------
+# DINO: the paper's baseline head (docs/method.md section 3), not the original DINO head.
 
 class NormalizedLinear(nn.Module):
     """Weight-normalised linear layer with the norm g fixed at 1 (DINO's last layer)."""
@@ -38,13 +99,70 @@ class NormalizedLinear(nn.Module):
 
 
 class DinoHead(nn.Module):
-    """Linear-BN-GELU-Linear to a bottleneck, L2-normalise, weight-normed Linear to K prototypes."""
+    """Lin(d,h,nb)-BN-GELU, L2-normalise the h-d hidden vector, Lin(h,b,nb) (no norm after it), then a
+    weight-normed Lin(b,K,nb) with g fixed at 1. The original DINO head normalises the b-d bottleneck
+    instead; this is the head of the paper's baseline."""
 
-    def __init__(self, in_dim: int, hidden: int, bottleneck: int, n_prototypes: int):
+    def __init__(self, in_dim: int, n_prototypes: int, *, hidden: int, bottleneck: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
+        self.hidden = nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU())
+        self.bottleneck = nn.Linear(hidden, bottleneck, bias=False)
         self.last_layer = NormalizedLinear(bottleneck, n_prototypes)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(z), dim=-1))
+        return self.last_layer(self.bottleneck(F.normalize(self.hidden(z), dim=-1)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The registries: role -> name -> head.
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    build: Callable[..., nn.Module]  # build(in_dim, out_dim, **widths)
+    widths: dict  # the authors' widths; a config value that is not None replaces one
+    recipe: str  # where the authors used it, for errors and `sslscale plan`
+
+
+HEADS: dict[str, dict[str, HeadSpec]] = {
+    "dissl_teacher": {
+        "imagenet_d2048": HeadSpec(dissl_teacher_imagenet_d2048, {"hidden": 2048, "bottleneck": 512},
+                                   "ImageNet, d = 2048"),
+        "imagenet_d8192": HeadSpec(dissl_teacher_imagenet_d8192, {"hidden": 2048, "bottleneck": 512},
+                                   "ImageNet, d = 8192"),
+        "small_data": HeadSpec(dissl_teacher_small_data, {"hidden": 1024, "bottleneck": 512}, "small data"),
+    },
+    "dissl_student": {
+        "low_rank_linear": HeadSpec(low_rank_linear, {"bottleneck": 512}, "every DISSL recipe"),
+    },
+    "cissl_teacher": {
+        "imagenet": HeadSpec(contrastive_mlp_imagenet, {"hidden": 2048}, "ImageNet"),
+        "small_data": HeadSpec(contrastive_mlp_small_data, {"hidden": 1024}, "small data"),
+    },
+    "cissl_student": {
+        "imagenet": HeadSpec(linear_bn, {}, "ImageNet"),
+        "small_data": HeadSpec(linear_with_bias_bn, {}, "small data"),
+    },
+    # SimCLR's one head is the CISSL teacher MLP (docs/method.md section 3).
+    "simclr": {
+        "imagenet": HeadSpec(contrastive_mlp_imagenet, {"hidden": 2048}, "ImageNet"),
+        "small_data": HeadSpec(contrastive_mlp_small_data, {"hidden": 1024}, "small data"),
+    },
+    "dino": {
+        "issl_baseline": HeadSpec(DinoHead, {"hidden": 1024, "bottleneck": 256}, "the paper's DINO baseline"),
+    },
+}
+
+
+def head_widths(role: str, name: str, **overrides: int | None) -> dict:
+    """The widths a named head is built with: the authors', with the config's non-None values."""
+    widths = dict(HEADS[role][name].widths)
+    widths.update({k: v for k, v in overrides.items() if v is not None})
+    return widths
+
+
+def build_head(role: str, name: str, in_dim: int, out_dim: int, **overrides: int | None) -> nn.Module:
+    """The head `name` of `role`, e.g. build_head("dissl_teacher", "imagenet_d8192", 8192, 16384)."""
+    if name not in HEADS[role]:
+        raise ValueError(f"unknown {role} head {name!r}; valid: {', '.join(HEADS[role])}")
+    return HEADS[role][name].build(in_dim, out_dim, **head_widths(role, name, **overrides))

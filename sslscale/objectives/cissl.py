@@ -1,4 +1,4 @@
-"""CISSL: contrastive ISSL (METHOD section 2).
+"""CISSL: contrastive ISSL (docs/method.md section 2).
 
 The student (query) embeds the local rows; the teacher (key) embeddings of ALL ranks are the
 candidates. Each row's two positives are the teacher embeddings of its own view and of its other
@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from sslscale.models.heads import mlp
+from sslscale.models.heads import build_head
 from sslscale.objectives.base import Objective, ObjectiveContext
 from sslscale.objectives.gather import Gather, or_local
 
@@ -47,10 +46,10 @@ class CISSL(Objective):
     def __init__(self, cfg, ctx: ObjectiveContext):
         super().__init__()
         self.cfg, self.gather = cfg, ctx.gather
-        feature_dim = ctx.feature_dim
-        # Student: the same function class as the linear probe (linear + BN). No bias: BN removes it.
-        self.student_head = nn.Sequential(nn.Linear(feature_dim, cfg.dim, bias=False), nn.BatchNorm1d(cfg.dim))
-        self.teacher_head = mlp(feature_dim, cfg.teacher_hidden, cfg.dim, cfg.teacher_layers, out_norm=True)
+        # Student: the same function class as the linear probe (linear + BN); teacher: the recipe's MLP.
+        self.student_head = build_head("cissl_student", cfg.student_head, ctx.feature_dim, cfg.dim)
+        self.teacher_head = build_head("cissl_teacher", cfg.teacher_head, ctx.feature_dim, cfg.dim,
+                                       hidden=cfg.teacher_hidden)
 
     def forward(self, features: list[torch.Tensor], step: int, crops=None):
         both = torch.cat(features)

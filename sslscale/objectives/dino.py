@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sslscale.models.heads import DinoHead
+from sslscale.models.heads import build_head
 from sslscale.models.multicrop import encode_crops
 from sslscale.objectives.base import Objective, ObjectiveContext
 from sslscale.objectives.dissl import cross_entropy
@@ -37,7 +37,8 @@ class DINO(Objective):
     def __init__(self, cfg, ctx: ObjectiveContext):
         super().__init__()
         self.cfg, self.ctx, self.gather = cfg, ctx, or_local(ctx.gather)
-        self.student_head = DinoHead(ctx.feature_dim, cfg.hidden, cfg.bottleneck, cfg.n_prototypes)
+        self.student_head = build_head("dino", cfg.head, ctx.feature_dim, cfg.n_prototypes, hidden=cfg.hidden,
+                                       bottleneck=cfg.bottleneck)
         self.teacher_encoder = copy.deepcopy(ctx.encoder)
         self.teacher_head = copy.deepcopy(self.student_head)
         for p in [*self.teacher_encoder.parameters(), *self.teacher_head.parameters()]:

@@ -1,8 +1,9 @@
-"""DISSL: distillation ISSL (METHOD section 1). No EMA, no stop-gradient, no centring.
+"""DISSL: distillation ISSL (docs/method.md section 1). No EMA, no stop-gradient, no centring.
 
 loss = CE_dst - lam * H_M + beta * CE_inv, where
   p_k    = softmax(T(z_k) / tau_t)   teacher probabilities of the large crops k (gradients flow)
   H_M    = mean_k H(mean of p_k over the GLOBAL batch)        -> spread mass over all C classes
+           (one all-reduce of the local sums, a [K_t, C] tensor, never the [B, C] probabilities)
   CE_inv = mean over ordered large-crop pairs k != l of CE(p_k, p_l)  -> teacher invariant to views
   CE_dst = mean over (k large, j any crop, j != k) of CE(p_k, q_j)    -> student predicts teacher
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from sslscale.models.heads import low_rank_linear, mlp
+from sslscale.models.heads import build_head
 from sslscale.objectives.base import Objective, ObjectiveContext
 from sslscale.objectives.gather import Gather, or_local
 
@@ -38,7 +39,11 @@ def dissl_loss(teacher_logits: list[torch.Tensor], student_logits: list[torch.Te
     log_probs = [F.log_softmax(t, dim=-1) for t in teacher]
     log_q = [F.log_softmax(s.float() / tau_s, dim=-1) for s in student_logits]
 
-    h_marginal = torch.stack([entropy(gather(p).mean(0)) for p in probs]).mean()
+    # The global marginal needs only each rank's sum over its rows: all-reduce a [K_t, C] tensor (with
+    # gradients) instead of gathering the [B, C] probabilities of every rank.
+    local_sums = torch.stack([p.sum(0) for p in probs])
+    marginals = gather.sum(local_sums) / (probs[0].shape[0] * gather.world_size)
+    h_marginal = entropy(marginals).mean()
     ce_inv = torch.stack([cross_entropy(probs[k], log_probs[other])
                           for k in range(n_large) for other in range(n_large) if other != k]).mean()
     ce_dst = torch.stack([cross_entropy(probs[k], log_q[j])
@@ -59,13 +64,16 @@ def warmed_up_beta(beta: float, lam: float, step: int, warmup_steps: int) -> flo
 
 
 class DISSL(Objective):
-    """Teacher MLP head (large crops) and low-rank linear student head (all crops)."""
+    """Teacher head (large crops; the recipe's MLP, docs/method.md section 8) and low-rank linear student head
+    (all crops)."""
 
     def __init__(self, cfg, ctx: ObjectiveContext):
         super().__init__()
         self.cfg, self.n_large, self.gather = cfg, ctx.n_large_crops, ctx.gather
-        self.teacher_head = mlp(ctx.feature_dim, cfg.teacher_hidden, cfg.n_classes, layers=2, out_norm=False)
-        self.student_head = low_rank_linear(ctx.feature_dim, cfg.student_bottleneck, cfg.n_classes)
+        self.teacher_head = build_head("dissl_teacher", cfg.teacher_head, ctx.feature_dim, cfg.n_classes,
+                                       hidden=cfg.teacher_hidden, bottleneck=cfg.teacher_bottleneck)
+        self.student_head = build_head("dissl_student", cfg.student_head, ctx.feature_dim, cfg.n_classes,
+                                       bottleneck=cfg.student_bottleneck)
 
     def forward(self, features: list[torch.Tensor], step: int, crops=None):
         large = torch.cat(features[: self.n_large])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from sslscale.models.heads import mlp
+from sslscale.models.heads import build_head
 from sslscale.objectives.cissl import two_view_columns
 from sslscale.objectives.base import Objective, ObjectiveContext
 from sslscale.objectives.gather import Gather, or_local
@@ -31,7 +31,7 @@ class SimCLR(Objective):
     def __init__(self, cfg, ctx: ObjectiveContext):
         super().__init__()
         self.cfg, self.gather = cfg, ctx.gather
-        self.head = mlp(ctx.feature_dim, cfg.hidden, cfg.dim, cfg.layers, out_norm=True)
+        self.head = build_head("simclr", cfg.head, ctx.feature_dim, cfg.dim, hidden=cfg.hidden)
 
     def forward(self, features: list[torch.Tensor], step: int, crops=None):
         return simclr_loss(list(self.head(torch.cat(features)).chunk(2)), tau=self.cfg.tau, gather=self.gather)
