@@ -122,3 +122,44 @@ def test_shape_signature_tracks_shape_keys_only():
 def test_an_override_whose_value_is_not_yaml_is_named():
     with pytest.raises(ConfigError, match=r"override 'data.crops=\[\{size:'.*not valid YAML"):
         load_config(None, ["data.crops=[{size:"])
+
+
+def test_a_recipe_builds_on_its_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("run: {name: base, seed: 3}\noptim: {base_lr: 0.5, name: sgd}\n"
+                                        "data: {crops: [{size: 32, count: 2}], batch_size: 64}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nrun: {name: child}\ndata: {crops: [{size: 16, count: 2}]}\n")
+    config = load_config(str(tmp_path / "child.yaml"))
+    assert (config.run.name, config.run.seed) == ("child", 3)  # sections merge key by key
+    assert (config.optim.name, config.optim.base_lr, config.data.batch_size) == ("sgd", 0.5, 64)
+    assert [(g.size, g.count) for g in config.data.crops] == [(16, 2)]  # lists are replaced whole
+    dump_config(config, str(tmp_path / "resolved.yaml"))
+    assert "base" not in yaml.safe_load((tmp_path / "resolved.yaml").read_text())  # a run folder keeps it all
+
+
+def test_a_base_that_is_missing_or_leads_back_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config(str(tmp_path / "a.yaml"))
+    with pytest.raises(ConfigError, match=r"nowhere.yaml does not exist \(the base of .*c.yaml\)"):
+        load_config(str(tmp_path / "c.yaml"))
+    with pytest.raises(ConfigError, match="expected the path of another config"):
+        load_config(str(tmp_path / "d.yaml"))
+
+
+def test_the_table1_rows_each_add_one_change_to_the_row_before():
+    def at(name):
+        return load_config(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml"))
+    for objective, batch in (("dissl", 256), ("dino", 256), ("cissl", 512), ("simclr", 512)):
+        base, dim, epochs, aug = (at(f"{objective}_resnet18_tinyimagenet_{row}")
+                                  for row in ("baseline", "d2048", "d2048_e1000", "d2048_e1000_aug"))
+        assert (base.model.dim, base.train.epochs, base.data.batch_size) == (None, 300, batch)
+        assert (dim.model.dim, dim.train.epochs) == (2048, 300)
+        assert (epochs.model.dim, epochs.train.epochs) == (2048, 1000)
+        assert (aug.model.dim, aug.train.epochs, aug.data.crops[0].scale, aug.data.augment.blur_p) == \
+            (2048, 1000, (0.1, 1.0), 0.5)
+        assert base.data.augment.blur_p == 0.0 and base.data.crops[0].scale == (0.2, 1.0)
+        assert len({c.run.name for c in (base, dim, epochs, aug)}) == 4
+        assert {c.objective.name for c in (base, dim, epochs, aug)} == {objective}

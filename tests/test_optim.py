@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -53,14 +54,47 @@ def test_every_optimizer_builds(name, cls):
     assert isinstance(build_optimizer(torch.nn.Linear(2, 2), cfg.optim, 256), cls)
 
 
-def test_warmup_then_cosine_in_samples():
-    schedule = WarmupCosine(peak=2.0, warmup_samples=1000, total_samples=11000, start_factor=0.001)
-    assert schedule(0) == pytest.approx(0.002)
-    assert schedule(500) == pytest.approx(0.002 + (2.0 - 0.002) * 0.5)
-    assert schedule(1000) == pytest.approx(2.0)
-    assert schedule(6000) == pytest.approx(1.0)
-    assert schedule(11000) == pytest.approx(0.0, abs=1e-12)
-    assert schedule(20000) == pytest.approx(0.0, abs=1e-12)
-    # same samples, same lr: independent of how the global batch is split into steps
+def test_cosine_counted_from_the_start_of_training_is_the_imagenet_recipe():
+    """100 epochs, 10 of warm-up, peak 3 (0.3 x 2560 / 256), in epochs of 1000 samples: the lr steps down from
+    3 to 2.93 at the end of the warm-up and is exactly peak / 2 at half of training."""
+    schedule = WarmupCosine(peak=3.0, warmup_samples=10_000, total_samples=100_000, start_factor=0.001 / 3,
+                            cosine_from="start")
+    assert schedule(0) == pytest.approx(0.001)
+    assert schedule(5_000) == pytest.approx(0.001 + (3.0 - 0.001) * 0.5)
+    assert schedule(9_999) == pytest.approx(3.0, rel=1e-3)
+    assert schedule(10_000) == pytest.approx(3.0 * (1 + math.cos(math.pi * 0.1)) / 2) == pytest.approx(2.9266, abs=1e-4)
+    assert schedule(50_000) == pytest.approx(1.5)
+    assert schedule(75_000) == pytest.approx(3.0 * (1 + math.cos(math.pi * 0.75)) / 2)
+    assert schedule(100_000) == pytest.approx(0.0, abs=1e-12)
+    assert schedule(200_000) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_restarted_after_the_warm_up_is_the_small_data_recipe():
+    """300 epochs, 10 of warm-up: lr = peak (1 + cos(pi (e - 10) / 290)) / 2, continuous at the end of the
+    warm-up; the same 100-epoch run as above would be at 1.76 at half of training, not 1.5."""
+    schedule = WarmupCosine(peak=2e-3, warmup_samples=10, total_samples=300, start_factor=0.001,
+                            cosine_from="warmup_end")
+    assert schedule(0) == pytest.approx(2e-6)
+    assert schedule(10) == pytest.approx(2e-3)
+    assert schedule(155) == pytest.approx(1e-3)
+    assert schedule(82.5) == pytest.approx(2e-3 * (1 + math.cos(math.pi * 0.25)) / 2)
+    assert schedule(300) == pytest.approx(0.0, abs=1e-12)
+    imagenet_restarted = WarmupCosine(3.0, 10, 100, 0.001 / 3, cosine_from="warmup_end")
+    assert imagenet_restarted(50) == pytest.approx(1.76, abs=5e-3)
+
+
+@pytest.mark.parametrize("cosine_from", ["start", "warmup_end"])
+def test_the_schedule_depends_on_samples_not_on_how_they_are_split_into_steps(cosine_from):
+    schedule = WarmupCosine(peak=2.0, warmup_samples=1000, total_samples=11000, start_factor=0.001,
+                            cosine_from=cosine_from)
     assert schedule(3 * 512) == schedule(6 * 256)
-    assert schedule(3500) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert schedule(7 * 1024) == schedule(28 * 256)
+
+
+def test_the_recipes_choose_their_cosine():
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs")
+    assert load_config(os.path.join(configs, "dissl_resnet50_d8192_e100_m2.yaml")).optim.cosine_from == "start"
+    assert load_config(os.path.join(configs, "cissl_resnet50_e100_m2.yaml")).optim.cosine_from == "start"
+    for objective in ("dissl", "dino", "cissl", "simclr"):
+        path = os.path.join(configs, f"{objective}_resnet18_tinyimagenet_baseline.yaml")
+        assert load_config(path).optim.cosine_from == "warmup_end"
