@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from sslscale import dcp_io
+from sslscale.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Checkpointer:
@@ -129,11 +121,11 @@ class Checkpointer:
     def _commit(self, tmp: str, name: str, step: int) -> str:
         """Marks a fully written temp folder complete and gives it its real name."""
         final = os.path.join(self.dir, name)
-        _write_atomic(os.path.join(tmp, MARKER), json.dumps({"step": step, "time": time.time()}))
+        write_text_atomic(os.path.join(tmp, MARKER), json.dumps({"step": step, "time": time.time()}))
         shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of an earlier crash
         os.rename(tmp, final)
         _fsync_dir(self.dir)
-        _write_atomic(os.path.join(self.dir, "latest"), name + "\n")
+        write_text_atomic(os.path.join(self.dir, "latest"), name + "\n")
         self._prune()
         return final
 

@@ -1,4 +1,4 @@
-"""`sslscale pretrain | linear-eval | export | prepare-data | preview`.
+"""`sslscale pretrain | plan | linear-eval | export | prepare-data | preview`.
 
 Errors a user can fix (bad config, missing data, mismatched checkpoint) print one clear message and
 exit with status 2; a run stopped by SIGTERM / SIGUSR2 exits with EXIT_STOPPED_FOR_REQUEUE after
@@ -31,6 +31,32 @@ def pretrain_then_probe(cfg) -> None:
 def _pretrain(args) -> int:
     from sslscale.config import load_config
     pretrain_then_probe(load_config(args.config, args.overrides))
+    return 0
+
+
+def _plan(args) -> int:
+    import json
+
+    from data_pipelines.sources import build_source
+    from sslscale.config import ConfigError, load_config
+    from sslscale.plan import format_plan, make_plan
+    cfg = load_config(args.config, args.overrides)
+    if args.world_size is not None and args.world_size < 1:
+        raise ConfigError([f"--world-size: {args.world_size}; must be >= 1"])
+    dataset_size = args.dataset_size
+    if dataset_size is None:
+        problems = [f"data.{p}" for p in cfg.data.check_paths()]
+        if problems:
+            raise ConfigError(problems + ["(to plan without the data, give its size: --dataset-size N; "
+                                          "ImageNet-1k train has 1281167 images)"])
+        dataset_size = len(build_source(cfg.data, "train"))
+    elif dataset_size < 1:
+        raise ConfigError([f"--dataset-size: {dataset_size}; must be >= 1"])
+    plan = make_plan(cfg, dataset_size=dataset_size, world_size=args.world_size, flops=not args.no_flops)
+    if args.json:
+        print(json.dumps(plan))
+    else:
+        print(format_plan(plan, f"plan of {args.config} (run folder {cfg.run_dir})"))
     return 0
 
 
@@ -105,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=100 run.name=try1")
     p.set_defaults(func=_pretrain)
+
+    p = commands.add_parser("plan", help="what a config resolves to: batches, steps, lr, parameters, FLOPs, memory")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value, as for pretrain")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="ranks to plan for (default: the config's slurm job shape, nodes x tasks per node)")
+    p.add_argument("--dataset-size", type=int, default=None,
+                   help="train images, to plan without the data on this machine (default: count them)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    p.add_argument("--no-flops", action="store_true", help="skip fvcore's FLOP count (it traces the model)")
+    p.set_defaults(func=_plan)
 
     p = commands.add_parser("linear-eval", help="linear probe (and kNN) of a run's newest checkpoint")
     p.add_argument("run_dir", help="run folder, e.g. checkpoints/quickstart")

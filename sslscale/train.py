@@ -1,4 +1,4 @@
-"""The pretraining loop: one process today, structured so DDP / FSDP wrap `SSLModel` unchanged.
+"""The pretraining loop: DDP / FSDP wrap `SSLModel` (sslscale/model.py) unchanged.
 
 Every stateful part (model with heads and objective state, optimizer, grad scaler, progress
 counters, monitor summaries, RNG streams) is saved and restored through state_dict(), so a resumed
@@ -24,14 +24,15 @@ from data_pipelines.sources import build_source
 from data_pipelines.loaders import multicrop_batches
 from data_pipelines.preview import crop_grid, save_png
 from sslscale import dcp_io
+from sslscale.atomic import write_json_atomic
 from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signature
 from sslscale.config import Config, ConfigError, dump_config, load_config
 from sslscale.distributed import (AllGatherWithGrad, DistEnv, PeerWatch, RankFailure, destroy_process_group,
                                   init_process_group, is_collective_failure, local_gpu_index, read_env)
-from sslscale.models import build_trunk, encode_crops
+from sslscale.model import build_model
 from sslscale.monitor import Monitor
-from sslscale.objectives import ObjectiveContext, build_objective
-from sslscale.optim import WarmupCosine, build_optimizer, peak_lr
+from sslscale.optim import build_optimizer, build_schedule
+from sslscale.plan import format_plan, make_plan
 from sslscale.parallel import is_sharded, prepare_batchnorm, weight_layout, wrap_for_training
 
 # Exit status of a run that stopped on SIGTERM / SIGUSR2 after saving a checkpoint: the launcher
@@ -50,17 +51,6 @@ class StoppedForRequeue(Exception):
 
 class TooManyNonFiniteLosses(RuntimeError):
     pass
-
-
-class SSLModel(nn.Module):
-    """Encoder + objective (heads and state): the one module a data-parallel wrapper wraps."""
-
-    def __init__(self, encoder: nn.Module, objective: nn.Module):
-        super().__init__()
-        self.encoder, self.objective = encoder, objective
-
-    def forward(self, crops: list[torch.Tensor], step: int):
-        return self.objective(encode_crops(self.encoder, crops), step, crops)
 
 
 @dataclass
@@ -164,13 +154,6 @@ def check_run_folder(cfg: Config) -> None:
         check_signature(saved.shape_signature(), cfg.shape_signature(), f"run folder {cfg.run_dir}")
 
 
-def build_model(cfg: Config, *, steps_per_epoch: float, total_steps: int, gather=None) -> SSLModel:
-    encoder = build_trunk(cfg.model)
-    ctx = ObjectiveContext(feature_dim=encoder.out_dim, n_large_crops=cfg.data.crops[0].count,
-                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, encoder=encoder, gather=gather)
-    return SSLModel(encoder, build_objective(cfg.objective, ctx))
-
-
 class RankAgreement:
     """Decisions every rank must take together (skip a step, stop for requeue)."""
 
@@ -237,10 +220,10 @@ class Trainer:
             self.device, memory_format=weight_layout(cfg.dist.strategy, self.env, self.layout))
         self.model = wrap_for_training(self.core, cfg.dist.strategy, self.env, self.device, cfg.train.precision)
         self.sharded = is_sharded(self.core)
+        if self.env.is_main:
+            self.show_plan()
         self.optimizer = build_optimizer(self.core, cfg.optim, self.global_batch)
-        self.schedule = WarmupCosine(peak_lr(cfg.optim, self.global_batch),
-                                     int(cfg.optim.warmup_epochs * len(self.source)), total_samples,
-                                     cfg.optim.warmup_start_factor)
+        self.schedule = build_schedule(cfg, len(self.source), self.global_batch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.progress = Progress()
         self.checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep)
@@ -253,6 +236,12 @@ class Trainer:
         # Besides model and optimizer, what a checkpoint holds; each part restores itself through load_state_dict().
         self.small_parts = {"scaler": self.scaler, "progress": self.progress, "monitor": self.monitor}
         self.rng = RNGStates()
+
+    def show_plan(self) -> None:
+        """What this run will do (sslscale plan), on the console and in plan.json of the run folder."""
+        plan = make_plan(self.cfg, dataset_size=len(self.source), world_size=self.env.world_size)
+        print(format_plan(plan, f"plan of {self.cfg.run_dir}"), file=self.stream, flush=True)
+        write_json_atomic(os.path.join(self.cfg.run_dir, "plan.json"), plan)
 
     def restore(self) -> None:
         """Resume from the newest checkpoint that reads; fall back past unreadable ones. If there are

@@ -1,0 +1,213 @@
+"""What a config resolves to, before any GPU time is spent: batches, steps, the lr along the run,
+the parameters of every module, FLOPs per image and the device memory of weights and optimizer state.
+
+`sslscale plan CONFIG` prints it; `sslscale pretrain` prints the same at its start and writes it to
+the run folder as plan.json.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from data_pipelines.augment import crop_sizes
+from sslscale.config import Config
+from sslscale.model import build_model
+from sslscale.optim import build_schedule, peak_lr
+
+# Fractions of training at which the plan shows the lr (the end of the warm-up is added per config).
+LR_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# Images per crop size in the FLOP count: BatchNorm in training mode needs more than one.
+FLOP_COUNT_BATCH = 2
+# A model whose name maps to another in the plan (the rest keep their attribute names).
+MODULE_NAMES = {"encoder": "trunk", "teacher_encoder": "teacher_trunk"}
+# Modules that are exponential moving averages of others: they run forward only and are never trained.
+EMA_MODULES = {"dino": ("teacher_trunk", "teacher_head")}
+# Bytes of optimizer state per trainable parameter (fp32): momentum for SGD and LARS, two moments for Adam.
+OPTIMIZER_STATE_FLOATS = {"lars": 1, "sgd": 1, "adam": 2, "adamw": 2}
+
+
+def fraction_key(fraction: float) -> str:
+    """'0', '0.0125', '0.25', '1': the JSON key of a fraction of training."""
+    return f"{fraction:g}"
+
+
+def default_world_size(cfg: Config) -> int:
+    """The job shape of the config's slurm section: nodes x tasks per node."""
+    return cfg.slurm.nodes * cfg.slurm.tasks
+
+
+def module_parameters(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{plan name: {"params": n, "trainable": n}} for the trunk and each part of the objective."""
+    parts = {"encoder": model.encoder, **dict(model.objective.named_children())}
+    counts = {}
+    for name, module in parts.items():
+        params = list(module.parameters())
+        if not params:
+            continue
+        counts[MODULE_NAMES.get(name, name)] = {
+            "params": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad)}
+    return counts
+
+
+def count_flops(model: nn.Module, crop_sizes: list[int], objective: str) -> dict:
+    """fvcore's count of one training step, per image. fvcore counts a multiply-add as ONE flop; the
+    FLOPs here count it as two, as hardware peaks do. Backward costs twice the forward of the modules
+    that are trained; EMA teachers run forward only."""
+    try:
+        with warnings.catch_warnings():  # fvcore's import scripts a function: torch warns of jit.script
+            warnings.simplefilter("ignore")
+            from fvcore.nn import FlopCountAnalysis
+    except ImportError:
+        return {"error": "fvcore is not installed (pip install fvcore): no FLOP count"}
+
+    class Step(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *crops):
+            return self.model(list(crops), 0)[0]
+
+    crops = [torch.randn(FLOP_COUNT_BATCH, 3, size, size) for size in crop_sizes]
+    model.train()
+    with warnings.catch_warnings():  # tracing warnings about Python values in the graph
+        warnings.simplefilter("ignore")
+        analysis = FlopCountAnalysis(Step(model), tuple(crops))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        by_module = analysis.by_module()
+        total = analysis.total()
+    reverse = {plan: attr for attr, plan in MODULE_NAMES.items()}
+    forward_only = 0
+    for name in EMA_MODULES.get(objective, ()):
+        attr = reverse.get(name, name)
+        prefix = "model.encoder" if attr == "encoder" else f"model.objective.{attr}"
+        forward_only += by_module.get(prefix, 0)
+    forward_macs = total / FLOP_COUNT_BATCH
+    trained_macs = (total - forward_only) / FLOP_COUNT_BATCH
+    return {"forward_macs": forward_macs, "forward_flops": 2 * forward_macs,
+            "train_step_flops": 2 * (3 * trained_macs + forward_only / FLOP_COUNT_BATCH),
+            "counting": "fvcore counts a multiply-add as one; FLOPs here count it as two (as hardware peaks "
+                        "do); backward = 2 x the forward of trained modules; EMA teachers forward only"}
+
+
+def memory_per_rank(params: dict, cfg: Config, world_size: int, buffers: int) -> dict:
+    """fp32 weights, gradients and optimizer state per rank (not activations): all of it on every rank under
+    DDP, a 1/world_size share under FSDP (plus the one unit gathered at a time, not counted)."""
+    total = sum(p["params"] for p in params.values())
+    trainable = sum(p["trainable"] for p in params.values())
+    share = 1 / world_size if cfg.dist.strategy == "fsdp" and world_size > 1 else 1.0
+    parts = {"weights": 4 * total * share, "gradients": 4 * trainable * share,
+             "optimizer_state": 4 * OPTIMIZER_STATE_FLOATS[cfg.optim.name] * trainable * share,
+             "buffers": 4 * buffers}
+    parts = {k: int(v) for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def make_plan(cfg: Config, *, dataset_size: int, world_size: int | None = None, flops: bool = True) -> dict:
+    """The plan of `cfg` on `world_size` ranks with a train split of `dataset_size` images. Builds a model
+    of its own on the CPU (never the caller's) and leaves the caller's random number generators as they were."""
+    with torch.random.fork_rng(devices=[]):
+        return _make_plan(cfg, dataset_size, world_size, flops)
+
+
+def _make_plan(cfg: Config, dataset_size: int, world_size: int | None, flops: bool) -> dict:
+    world_size = world_size or default_world_size(cfg)
+    global_batch = cfg.data.batch_size
+    total_samples = int(cfg.train.epochs * dataset_size)
+    total_steps = math.ceil(total_samples / global_batch)
+    steps_per_epoch = dataset_size / global_batch
+    schedule = build_schedule(cfg, dataset_size, global_batch)
+    warmup_fraction = cfg.optim.warmup_epochs / cfg.train.epochs
+    fractions = sorted({*LR_FRACTIONS, warmup_fraction})
+    with torch.device("cpu"):
+        model = build_model(cfg, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    params = module_parameters(model)
+    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    sizes = crop_sizes(cfg.data.crops)
+    plan = {
+        "objective": cfg.objective.name,
+        "heads": {key: getattr(cfg.objective.selected, key) for key in cfg.objective.selected.HEADS},
+        "world_size": world_size,
+        "global_batch": global_batch,
+        "per_rank_batch": global_batch / world_size if global_batch % world_size else global_batch // world_size,
+        "dataset_size": dataset_size,
+        "epochs": cfg.train.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "end_step": total_steps if cfg.train.max_steps is None else min(total_steps, cfg.train.max_steps),
+        "warmup_steps": math.ceil(cfg.optim.warmup_epochs * dataset_size / global_batch),
+        "peak_lr": peak_lr(cfg.optim, global_batch),
+        "cosine_from": cfg.optim.cosine_from,
+        "warmup_end_fraction": warmup_fraction,
+        "lr": {fraction_key(f): schedule(int(round(f * total_samples))) for f in fractions},
+        "crops": {"per_image": len(sizes), "layout": " + ".join(f"{g.count}x{g.size}" for g in cfg.data.crops)},
+        "params": {name: p["params"] for name, p in params.items()},
+        "trainable_params": {name: p["trainable"] for name, p in params.items()},
+        "ema_modules": list(EMA_MODULES.get(cfg.objective.name, ())),
+        "precision": cfg.train.precision,
+        "strategy": cfg.dist.strategy,
+        "memory_per_rank_bytes": memory_per_rank(params, cfg, world_size, buffers),
+    }
+    if flops:
+        plan["flops_per_image"] = count_flops(model, sizes, cfg.objective.name)
+        if "train_step_flops" in plan["flops_per_image"]:
+            plan["run_flops"] = plan["flops_per_image"]["train_step_flops"] * global_batch * plan["end_step"]
+    return plan
+
+
+def _count(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_plan(plan: dict, title: str) -> str:
+    """The plan as a few aligned lines for the console."""
+    per_rank = plan["per_rank_batch"]
+    ranks = f"{plan['world_size']} rank" + ("s" if plan["world_size"] > 1 else "")
+    split = (f"{ranks} x {per_rank}" if isinstance(per_rank, int)
+             else f"does NOT split evenly over {ranks}")
+    heads = ", ".join(f"{k} {v}" for k, v in plan["heads"].items())
+    lr = ", ".join(f"{k}: {v:.4g}" for k, v in plan["lr"].items())
+    warmup_key = fraction_key(plan["warmup_end_fraction"])
+    cosine = ("counted from the start of training" if plan["cosine_from"] == "start"
+              else "restarted at the end of the warm-up")
+    params = "; ".join(f"{name} {_count(n)}" + (" (EMA)" if name in plan["ema_modules"] else "")
+                       + (f" ({_count(plan['trainable_params'][name])} trained)"
+                          if 0 < plan["trainable_params"][name] < n else "")
+                       for name, n in plan["params"].items())
+    memory = plan["memory_per_rank_bytes"]
+    lines = [
+        title,
+        f"  objective   {plan['objective']}; heads: {heads}",
+        f"  data        {_count(plan['dataset_size'])} train images; {plan['crops']['per_image']} crops per image "
+        f"({plan['crops']['layout']})",
+        f"  batch       global {plan['global_batch']} = {split}",
+        f"  steps       {plan['steps_per_epoch']:.1f} per epoch; {_count(plan['total_steps'])} in all "
+        f"({plan['epochs']:g} epochs)" + (f", stopping at {_count(plan['end_step'])} (train.max_steps)"
+                                          if plan["end_step"] < plan["total_steps"] else "")
+        + f"; warm-up {_count(plan['warmup_steps'])}",
+        f"  lr          peak {plan['peak_lr']:.4g}; cosine {cosine}",
+        f"              at fraction of training {lr} (warm-up ends at {warmup_key})",
+        f"  parameters  {params}; total {_count(sum(plan['params'].values()))}",
+    ]
+    flops = plan.get("flops_per_image")
+    if flops is not None and "error" in flops:
+        lines.append(f"  FLOPs       {flops['error']}")
+    elif flops is not None:
+        step = flops["train_step_flops"] * plan["global_batch"]
+        lines.append(f"  FLOPs       per image: forward {flops['forward_macs'] / 1e9:.3g} GMAC = "
+                     f"{flops['forward_flops'] / 1e9:.3g} GFLOP; training step {flops['train_step_flops'] / 1e9:.3g} "
+                     f"GFLOP (fvcore, 1 multiply-add = 2 FLOPs); per global step {step / 1e12:.3g} TFLOP; "
+                     f"the whole run {plan['run_flops']:.3g} FLOP")
+    lines.append(f"  memory      per rank ({plan['strategy']}, {plan['precision']}): weights {_bytes(memory['weights'])}"
+                 f" + gradients {_bytes(memory['gradients'])} + optimizer {_bytes(memory['optimizer_state'])} + "
+                 f"buffers {_bytes(memory['buffers'])} = {_bytes(memory['total'])} (activations not included)")
+    return "\n".join(lines)
