@@ -1,0 +1,147 @@
+"""The paper's Table-1 comparison on real small data: DINO vs DISSL and SimCLR vs CISSL, pretrained on
+Fashion-MNIST with the same budget per run, probed next to the randomly initialised trunk.
+
+    python benchmarks/table1_study.py                          # 3 seeds, about 25 CPU-minutes per seed
+    python benchmarks/table1_study.py --seeds 0 1 2 3 4 --out docs
+
+Each run is `sslscale pretrain configs/fashion_mnist_<objective>.yaml run.seed=S` in its own process: the
+same trunk (the quickstart's), data, crops and number of training images (one epoch of the 60,000 train
+images, two 28-px crops each), then the quickstart's probes (linear on 20,000 labelled train images, linear
+on 10 labels per class, kNN). For a seed every objective starts from the same random trunk, which is probed
+once. Writes table1_fashion_mnist.md (mean and standard deviation over seeds), .png (bar plot) and .json
+(every run) to --out, with the commit and the machine they came from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Pairs as the paper compares them: each baseline next to the objective that replaces it.
+OBJECTIVES = ("dino", "dissl", "simclr", "cissl")
+LABELS = {"dino": "DINO", "dissl": "DISSL", "simclr": "SimCLR", "cissl": "CISSL"}
+PROBES = {"linear": "linear, all labels", "linear_10_per_class": "linear, 10 labels per class", "knn": "kNN (k = 20)"}
+
+
+def test_top1(result: dict) -> float:
+    """Final-epoch test top-1 of a probe (the sweep point chosen on validation, for linear probes)."""
+    return (result["best"]["test"] if "best" in result else result["test"])["top1"]
+
+
+def run(objective: str, seed: int, root: str, with_random_init: bool) -> dict:
+    config = os.path.join(REPO, "configs", f"fashion_mnist_{objective}.yaml")
+    overrides = [f"run.seed={seed}", f"run.root={root}", f"run.name={objective}_seed{seed}",
+                 f"eval.compare_random_init={str(with_random_init).lower()}"]
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "sslscale.cli", "pretrain", config, *overrides], cwd=REPO,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{objective} seed {seed} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    with open(os.path.join(root, f"{objective}_seed{seed}", "eval", "linear.json")) as f:
+        report = json.load(f)
+    probe_seconds = report["seconds"]
+    return {"objective": objective, "seed": seed, "seconds_total": round(seconds, 1),
+            "seconds_pretrain": round(seconds - probe_seconds, 1), "seconds_probe": probe_seconds,
+            "results": {trunk: {probe: test_top1(r) for probe, r in probes.items()}
+                        for trunk, probes in report["results"].items()},
+            "label_free_last": report["label_free"]["last"]}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[dict]) -> dict:
+    """{row name: {probe: (mean, std)}} for every objective and for the random-init trunk."""
+    rows = {}
+    for objective in OBJECTIVES:
+        mine = [r for r in runs if r["objective"] == objective]
+        rows[LABELS[objective]] = {p: mean_std([r["results"]["pretrained"][p] for r in mine]) for p in PROBES}
+        rows[LABELS[objective]]["minutes"] = mean_std([r["seconds_pretrain"] / 60 for r in mine])
+    randoms = [r["results"]["random_init"] for r in runs if "random_init" in r["results"]]
+    rows["random init"] = {p: mean_std([r[p] for r in randoms]) for p in PROBES}
+    return rows
+
+
+def provenance() -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return (f"commit {commit}{' (with uncommitted changes)' if dirty else ''}, {platform.machine()} CPU, "
+            f"{os.cpu_count()} cores, no GPU")
+
+
+def markdown(rows: dict, seeds: list[int], where: str) -> str:
+    lines = [f"Fashion-MNIST test top-1 (%), mean ± standard deviation over seeds {', '.join(map(str, seeds))}; "
+             f"{where}.", "",
+             "| trunk | " + " | ".join(PROBES.values()) + " | pretraining minutes |",
+             "|---" * (len(PROBES) + 2) + "|"]
+    for name, row in rows.items():
+        cells = [f"{row[p][0]:.1f} ± {row[p][1]:.1f}" for p in PROBES]
+        minutes = f"{row['minutes'][0]:.1f}" if "minutes" in row else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {minutes} |")
+    return "\n".join(lines)
+
+
+def bar_plot(rows: dict, seeds: list[int], where: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(rows)
+    colours = {"DINO": "#9ecae1", "DISSL": "#08519c", "SimCLR": "#fdae6b", "CISSL": "#d94801",
+               "random init": "#bdbdbd"}
+    fig, axes = plt.subplots(1, len(PROBES), figsize=(12, 3.8))
+    for ax, (probe, title) in zip(axes, PROBES.items()):
+        means = [rows[n][probe][0] for n in names]
+        stds = [rows[n][probe][1] for n in names]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=[colours[n] for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=30)
+        low = min(m - s for m, s in zip(means, stds))
+        ax.set_ylim(max(0, low - 5), max(m + s for m, s in zip(means, stds)) + 2)
+        ax.set_title(title)
+        ax.set_ylabel("test top-1 (%)")
+    fig.suptitle(f"Fashion-MNIST, one epoch of pretraining each, seeds {', '.join(map(str, seeds))} "
+                 f"(mean ± std); {where}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--root", default=os.path.join(REPO, "checkpoints", "table1_study"),
+                        help="where the run folders go")
+    parser.add_argument("--out", default=os.path.join(REPO, "docs"), help="where the table and the plot go")
+    args = parser.parse_args()
+    if len(args.seeds) < 2:
+        parser.error("--seeds: give at least two, the table reports a standard deviation")
+    runs = []
+    for seed in args.seeds:
+        for i, objective in enumerate(OBJECTIVES):
+            result = run(objective, seed, args.root, with_random_init=(i == 0))
+            runs.append(result)
+            print(f"seed {seed} {objective}: " + ", ".join(f"{p} {v:.1f}" for p, v in
+                                                          result["results"]["pretrained"].items())
+                  + f" ({result['seconds_pretrain']:.0f} s pretraining)", flush=True)
+    rows = summarise(runs)
+    where = provenance()
+    table = markdown(rows, args.seeds, where)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "table1_fashion_mnist.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "table1_fashion_mnist.json"), "w") as f:
+        json.dump({"provenance": where, "seeds": args.seeds, "runs": runs}, f, indent=2)
+    bar_plot(rows, args.seeds, where, os.path.join(args.out, "table1_fashion_mnist.png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
