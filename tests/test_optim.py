@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sslscale.config import load_config
-from sslscale.optim import LARS, WarmupCosine, build_optimizer, parameter_groups, peak_lr
+from sslscale import optim
+from sslscale.optim import LARS, MomentumSGD, WarmupCosine, build_optimizer, parameter_groups, peak_lr
 
 
 def test_lars_step_matches_the_formula():
@@ -25,6 +26,90 @@ def test_lars_step_matches_the_formula():
     opt.step()
     ratio = 0.001 * w1.norm() / (g.norm() + 0.01 * w1.norm() + 1e-8)
     assert torch.allclose(p, w1 - 0.5 * (0.9 * first + (g + 0.01 * w1) * ratio), atol=1e-7)
+
+
+def reference_lars_step(params, grads, buffers, lr, momentum, weight_decay, trust):
+    """The per-parameter loop the foreach LARS replaced."""
+    for p, g in zip(params, grads):
+        update = g + weight_decay * p
+        w, gn = p.norm(), g.norm()
+        ratio = trust * w / (gn + weight_decay * w + 1e-8) if w > 0 and gn > 0 else torch.tensor(1.0)
+        buffers[id(p)] = update * ratio if id(p) not in buffers else momentum * buffers[id(p)] + update * ratio
+        p -= lr * buffers[id(p)]
+
+
+def test_foreach_lars_matches_the_per_parameter_loop_over_many_tensors():
+    torch.manual_seed(5)
+    shapes = [(64, 3, 3, 3), (64,), (64,), (128, 64, 1, 1), (10,), (7, 5), (16384, 32)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    params[4].data.zero_()  # a zero weight takes the plain step
+    reference = [p.detach().clone() for p in params]
+    opt = LARS(params, lr=0.7, momentum=0.9, weight_decay=1e-6, trust_coefficient=0.001)
+    buffers = {}
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        reference_lars_step(reference, grads, buffers, 0.7, 0.9, 1e-6, 0.001)
+    for p, r in zip(params, reference):
+        assert torch.allclose(p, r, rtol=1e-6, atol=1e-7)
+
+
+def test_momentum_sgd_matches_pytorch_sgd():
+    torch.manual_seed(6)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a = MomentumSGD(ours, lr=0.1, momentum=0.9, weight_decay=0.01)
+    b = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, weight_decay=0.01)
+    for _ in range(4):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["lars", "sgd", "adam", "adamw"])
+def test_a_step_with_found_inf_changes_nothing_even_with_nan_gradients(name):
+    """The skip is decided on the device: found_inf = 1 leaves weights and state untouched."""
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    cfg = load_config(None, [f"optim.name={name}", "optim.base_lr=0.1"])
+    opt = build_optimizer(model, cfg.optim, 256)
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    opt.found_inf = torch.zeros(())
+    opt.step()  # a real step first, so that there is state to protect
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for p in model.parameters() for k, v in opt.state[p].items()}
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
+    after = {k: v for p in model.parameters() for k, v in opt.state[p].items()}
+    assert all(torch.equal(state[k], after[k]) for k in state)
+
+
+def test_the_masked_update_equals_the_fused_kernel(monkeypatch):
+    """Devices without PyTorch's fused SGD (the meta device of the device-handling test) take the masked path:
+    the same numbers, and the same skip."""
+    torch.manual_seed(8)
+    results = []
+    for fused_devices in (optim.FUSED_DEVICES, ()):
+        monkeypatch.setattr(optim, "FUSED_DEVICES", fused_devices)
+        torch.manual_seed(8)
+        params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
+        opt = LARS(params, lr=0.5, weight_decay=1e-4)
+        for found_inf in (0.0, 1.0, 0.0):
+            for p in params:
+                p.grad = torch.randn_like(p) if not found_inf else torch.full_like(p, float("inf"))
+            opt.found_inf = torch.tensor(found_inf)
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(*results))
 
 
 def test_lars_excluded_groups_take_plain_sgd_steps():
@@ -47,7 +132,7 @@ def test_peak_lr_scales_with_global_batch():
     assert peak_lr(cfg.optim, 2560) == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize("name, cls", [("lars", LARS), ("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+@pytest.mark.parametrize("name, cls", [("lars", LARS), ("sgd", MomentumSGD), ("adam", torch.optim.Adam),
                                        ("adamw", torch.optim.AdamW)])
 def test_every_optimizer_builds(name, cls):
     cfg = load_config(None, [f"optim.name={name}"])
