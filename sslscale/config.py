@@ -162,6 +162,10 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory layout for the convnet: faster on GPUs and on x86 CPUs
     log_every_steps: int = 50
     max_nonfinite_steps: int = 20  # abort after this many non-finite losses in a row
+    # The host reads the device's flags (non-finite steps, stop requests of signals) every this many steps: a
+    # signal is acted on, and a non-finite streak noticed, within this many steps. Skipping a non-finite
+    # step needs no host read at all: it is decided on the device, every step.
+    check_every_steps: int = 10
 
 
 @dataclass
@@ -488,6 +492,7 @@ def validate(c: Config) -> list[str]:
                  "use data.device: cpu, or train.device: auto / cuda")
     e += _positive("train.log_every_steps", c.train.log_every_steps)
     e += _positive("train.max_nonfinite_steps", c.train.max_nonfinite_steps)
+    e += _positive("train.check_every_steps", c.train.check_every_steps)
     e += _choice("dist.strategy", c.dist.strategy, STRATEGIES)
     e += _positive("dist.timeout_s", c.dist.timeout_s)
     e += _positive("checkpoint.every_steps", c.checkpoint.every_steps)

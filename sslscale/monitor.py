@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from sslscale import step_checks
+
 
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -48,11 +50,14 @@ class Monitor:
         self._data_seconds = 0.0
         self._window_start = now
 
-    def record(self, step: int, logs: dict[str, torch.Tensor], *, lr: float, data_seconds: float,
-               extra: dict[str, float] | None = None) -> None:
-        """Called after every step with that step's detached logs; writes every `log_every` steps."""
+    def record(self, step: int, logs: dict, *, lr: float, data_seconds: float, gauges: dict | None = None) -> None:
+        """Called after every step. `logs`: the step's values to average over the window, tensors on the
+        loss's device or Python numbers (schedule values such as DISSL's beta). `gauges`: values shown as
+        they are at the logging step (counters), tensors or numbers. Writes every `log_every` steps; only
+        then is anything read from the device, in one transfer."""
         for key, value in logs.items():
-            value = value.detach().float()
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float()
             self._sums[key] = self._sums[key] + value if key in self._sums else value
         self._count += 1
         self._data_seconds += data_seconds
@@ -61,10 +66,7 @@ class Monitor:
             return
         now = time.perf_counter()
         elapsed = max(now - self._window_start, 1e-9)
-        sums = torch.stack(list(self._sums.values()))
-        if self.reduce is not None:
-            sums = self.reduce(sums)
-        averages = {k: float(v) / self._count for k, v in zip(self._sums, sums)}
+        averages = {k: v / self._count for k, v in self._read_on_host(self._sums, reduce=True).items()}
         images_per_s = self._count * self.global_batch / elapsed
         data_fraction = self._data_seconds / elapsed
         eta = (self.end_step - done) * elapsed / self._count
@@ -74,7 +76,7 @@ class Monitor:
         if self.enabled:
             scalars = {**{f"loss/{k}": v for k, v in averages.items()}, "opt/lr": lr,
                        "perf/images_per_s": images_per_s, "perf/data_wait_fraction": data_fraction,
-                       **(extra or {})}
+                       **self._read_on_host(gauges or {}, reduce=False)}
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, done)
             terms = " ".join(f"{k} {v:.4g}" for k, v in averages.items())
@@ -82,6 +84,18 @@ class Monitor:
                   f"lr {lr:.3g} img/s {images_per_s:.0f} data {data_fraction:.0%} ETA {format_duration(eta)}",
                   file=self.stream, flush=True)
         self._reset_window(now)
+
+    def _read_on_host(self, values: dict, reduce: bool) -> dict[str, float]:
+        """Python numbers as they are; tensors stacked on their device (averaged over ranks if `reduce`: every
+        rank calls this at the same steps) and copied to the host at once."""
+        tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+        read = {k: float(v) for k, v in values.items() if k not in tensors}
+        if tensors:
+            stacked = torch.stack([v.reshape(()).float() for v in tensors.values()])
+            if reduce and self.reduce is not None:
+                stacked = self.reduce(stacked)
+            read.update(zip(tensors, step_checks.host_values(stacked)))
+        return {k: read[k] for k in values}
 
     def image(self, tag: str, image, step: int) -> None:
         """A uint8 [3, H, W] image in TensorBoard (rank 0 only)."""

@@ -74,9 +74,10 @@ def wrap_for_training(core: nn.Module, strategy: str, env: DistEnv, device: torc
         return core
     if uses_fsdp(strategy, env):
         return apply_fsdp(core, precision)
-    # SyncBN keeps buffers equal on all ranks, so DDP need not broadcast them every step.
+    # SyncBN keeps buffers equal on all ranks, so DDP need not broadcast them every step. Gradients are views
+    # into DDP's all-reduce buckets: no copy in or out of the buckets, and one gradient-sized buffer less.
     return nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+                                               broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def prepare_batchnorm(core: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:

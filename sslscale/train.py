@@ -14,7 +14,6 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -33,6 +32,8 @@ from sslscale.model import build_model
 from sslscale.monitor import Monitor
 from sslscale.optim import build_optimizer, build_schedule
 from sslscale.plan import format_plan, make_plan
+from sslscale import step_checks
+from sslscale.step_checks import NonFiniteSteps, RankAgreement
 from sslscale.parallel import is_sharded, prepare_batchnorm, weight_layout, wrap_for_training
 
 # Exit status of a run that stopped on SIGTERM / SIGUSR2 after saving a checkpoint: the launcher
@@ -53,19 +54,21 @@ class TooManyNonFiniteLosses(RuntimeError):
     pass
 
 
-@dataclass
 class Progress:
-    step: int = 0
-    nonfinite_in_row: int = 0
-    nonfinite_total: int = 0
-    unreadable_total: int = 0
+    """Where a run is. The step and the unreadable images are host numbers; the non-finite steps are
+    counted on the device (sslscale/step_checks.py) and read every train.check_every_steps steps."""
+
+    def __init__(self, device: torch.device):
+        self.step = 0
+        self.unreadable_total = 0
+        self.nonfinite = NonFiniteSteps(device)
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        return {"step": self.step, "unreadable_total": self.unreadable_total, **self.nonfinite.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        self.step, self.unreadable_total = state["step"], state["unreadable_total"]
+        self.nonfinite.load_state_dict(state)
 
 
 class RNGStates:
@@ -154,27 +157,6 @@ def check_run_folder(cfg: Config) -> None:
         check_signature(saved.shape_signature(), cfg.shape_signature(), f"run folder {cfg.run_dir}")
 
 
-class RankAgreement:
-    """Decisions every rank must take together (skip a step, stop for requeue)."""
-
-    def __init__(self, env: DistEnv, device: torch.device):
-        self.env, self.device = env, device
-
-    def any(self, flag: bool) -> bool:
-        if not self.env.is_distributed:
-            return flag
-        value = torch.tensor([float(flag)], device=self.device)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-        return bool(value.item())
-
-    def mean(self, values: torch.Tensor) -> torch.Tensor:
-        if not self.env.is_distributed:
-            return values
-        values = values.to(self.device).clone()
-        torch.distributed.all_reduce(values)
-        return values / self.env.world_size
-
-
 def clip_gradients(model: nn.Module, optim_cfg) -> None:
     if optim_cfg.grad_clip_value is not None:
         nn.utils.clip_grad_value_(model.parameters(), optim_cfg.grad_clip_value)
@@ -225,7 +207,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.core, cfg.optim, self.global_batch)
         self.schedule = build_schedule(cfg, len(self.source), self.global_batch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
-        self.progress = Progress()
+        self.progress = Progress(self.device)
+        # What check() last reported: non-finite steps counted so far, and the step it looked at.
+        self.reported_nonfinite, self.last_check_step = 0, 0
         self.checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep)
         # Background checkpoint writes talk over a gloo group of their own, never over the step's group.
         self.async_group = (torch.distributed.new_group(backend="gloo")
@@ -328,32 +312,55 @@ class Trainer:
             torch.distributed.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
 
     def train_step(self, batch, step: int) -> tuple[torch.Tensor, dict]:
-        """Forward, backward and update. A non-finite loss on any rank skips the update on all ranks
-        (counted); backward runs regardless, since DDP expects one after every forward."""
+        """Forward, backward and update, without reading anything on the host. A non-finite loss on any rank
+        (under fp16 loss scaling, also non-finite gradients) makes every rank skip the update: the flag is
+        all-reduced on the device and handed to the optimizer as found_inf, and EMA teachers hold still.
+        Backward runs regardless, since DDP expects one after every forward."""
         with autocast(self.device, self.cfg.train.precision):
             loss, logs = self.model(batch.crops, step)
         self.scaler.scale(loss).backward()
-        objective, progress = self.core.objective, self.progress
-        if not self.agree.any(not bool(torch.isfinite(loss))):
-            progress.nonfinite_in_row = 0
-            objective.after_backward(step)
+        objective = self.core.objective
+        objective.after_backward(step)
+        grads = None
+        if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-            clip_gradients(self.core, self.cfg.optim)
-            self.scaler.step(self.optimizer)
+            grads = [p.grad for p in self.core.parameters() if p.grad is not None]
+        skip = self.progress.nonfinite.skip_flag(self.agree, loss, grads)
+        clip_gradients(self.core, self.cfg.optim)
+        self.optimizer.found_inf = skip
+        self.optimizer.step()
+        del self.optimizer.found_inf
+        if self.scaler.is_enabled():
             self.scaler.update()
-            objective.after_optimizer_step(step, self.core.encoder)
-        else:
-            progress.nonfinite_in_row += 1
-            progress.nonfinite_total += 1
-            if self.env.is_main:
-                print(f"step {step + 1}: non-finite loss ({loss.item()}); update skipped "
-                      f"({progress.nonfinite_in_row} in a row)", file=self.stream, flush=True)
-            if progress.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
-                raise TooManyNonFiniteLosses(
-                    f"{progress.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps); the last "
-                    f"complete checkpoint is kept. Lower optim.base_lr or check the data.")
+        objective.after_optimizer_step(step, self.core.encoder, skip)
+        self.progress.nonfinite.record(skip)
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), logs
+
+    def check(self, stop: "StopSignal") -> None:
+        """The host's look at the device, every train.check_every_steps steps: one transfer holding this rank's
+        stop request (agreed over ranks) and the non-finite counts."""
+        progress = self.progress
+        stop_requested = torch.tensor([float(stop.received is not None)], device=self.device)
+        values = step_checks.host_values(self.agree.any_on_device(torch.cat([stop_requested,
+                                                                            progress.nonfinite.counts])))
+        in_row, total, worst = progress.nonfinite.since_last_read(values[1:])
+        new = total - self.reported_nonfinite
+        if new and self.env.is_main:
+            print(f"step {progress.step}: {new} non-finite loss{'es' if new > 1 else ''} since step "
+                  f"{self.last_check_step}, updates skipped ({total} in all, {worst} in a row at most)",
+                  file=self.stream, flush=True)
+        self.reported_nonfinite, self.last_check_step = total, progress.step
+        if worst >= self.cfg.train.max_nonfinite_steps:
+            raise TooManyNonFiniteLosses(
+                f"{worst} non-finite losses in a row (train.max_nonfinite_steps is "
+                f"{self.cfg.train.max_nonfinite_steps}); the last complete checkpoint is kept. Lower "
+                f"optim.base_lr or check the data.")
+        if values[0]:
+            self.save()
+            self.checkpointer.finish_pending(wait=True)
+            raise StoppedForRequeue(f"stopped by {describe_signal(stop.received)} at step {progress.step}; "
+                                    f"checkpoint saved in {self.cfg.run_dir}", frozenset(stop.all_received))
 
     def fit(self) -> dict:
         """Train from the newest checkpoint to end_step. Returns the monitor's summaries."""
@@ -368,7 +375,8 @@ class Trainer:
                                    start_step=progress.step, num_steps=self.end_step - progress.step)
         self.model.train()
         self.monitor.start(progress.step)
-        first_step = progress.step
+        first_step = self.last_check_step = progress.step
+        self.reported_nonfinite = progress.nonfinite.state_dict()["nonfinite_total"]
         try:
             with StopSignal() as stop:
                 waited_since = time.perf_counter()
@@ -385,17 +393,14 @@ class Trainer:
                     if self.peers is not None:
                         self.peers.finished_step(progress.step)
                     self.monitor.record(step, {"loss": loss, **logs}, lr=lr, data_seconds=data_seconds,
-                                        extra={"health/nonfinite_total": progress.nonfinite_total,
-                                               "health/unreadable_total": progress.unreadable_total})
+                                        gauges={"health/nonfinite_total": progress.nonfinite.counts[1],
+                                                "health/unreadable_total": progress.unreadable_total})
                     self.checkpointer.finish_pending(wait=False)
-                    if progress.step % cfg.checkpoint.every_steps == 0 or progress.step == self.end_step:
+                    last = progress.step == self.end_step
+                    if progress.step % cfg.train.check_every_steps == 0 or last:
+                        self.check(stop)  # a non-finite streak or a stop request ends the run here
+                    if progress.step % cfg.checkpoint.every_steps == 0 or last:
                         self.save()
-                    if self.agree.any(stop.received is not None):
-                        self.save()
-                        self.checkpointer.finish_pending(wait=True)
-                        raise StoppedForRequeue(f"stopped by {describe_signal(stop.received)} at step "
-                                                f"{progress.step}; checkpoint saved in {cfg.run_dir}",
-                                                frozenset(stop.all_received))
                     waited_since = time.perf_counter()
             self.checkpointer.finish_pending(wait=True)
         except RuntimeError as error:

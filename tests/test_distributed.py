@@ -225,6 +225,53 @@ def test_sigkill_at_a_random_step_then_resume_reaches_the_uninterrupted_weights(
         assert torch.equal(value, again["model"][key]), key
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lars_on_2_ranks_matches_one_process(tmp_path, strategy):
+    """LARS's trust ratios need the norms of whole tensors: under FSDP each rank holds shards, whose sums of
+    squares are all-reduced. One step (LARS at initialisation amplifies rounding over more steps)."""
+    common = ["optim.name=lars", "optim.base_lr=0.1", "optim.warmup_epochs=0", "train.max_steps=1",
+              "checkpoint.every_steps=1", f"dist.strategy={strategy}"]
+    reference = load_config(None, tiny_overrides(tmp_path / "w1", *common))
+    pretrain(reference)
+    overrides = tiny_overrides(tmp_path / "w2", *common)
+    run_world(2, overrides)
+    one, two = checkpoint(reference.run_dir, 1), checkpoint(load_config(None, overrides).run_dir, 1)
+    assert parameter_difference(one["model"], two["model"]) < 1e-6
+    updates = one["optimizer"]["state"]  # after one step the momentum buffer is the scaled update itself
+    assert max(updates[k]["momentum_buffer"].abs().max().item() for k in updates) > 1e-4
+    assert gradients_that_differ(two, one) == []  # the trust-scaled updates agree tensor by tensor
+
+
+def _rank_main_with_nan_on_rank_1(rank, world, port, overrides):
+    """Rank 1's loss is NaN at step 2 (0-based); rank 0's is finite."""
+    if rank == 1:
+        from sslscale.model import SSLModel
+        original = SSLModel.forward
+
+        def forward(self, crops, step):
+            loss, logs = original(self, crops, step)
+            return (loss * float("nan"), logs) if step == 2 else (loss, logs)
+        SSLModel.forward = forward
+    _rank_main(rank, world, port, overrides)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_non_finite_loss_on_one_rank_skips_the_update_on_every_rank(tmp_path, strategy):
+    overrides = tiny_overrides(tmp_path / "run", *SGD, "train.max_steps=4", "checkpoint.every_steps=1",
+                               "checkpoint.keep=4", f"dist.strategy={strategy}")
+    mp.start_processes(_rank_main_with_nan_on_rank_1, args=(2, free_port(), overrides), nprocs=2, join=True,
+                       start_method="spawn")
+    run_dir = load_config(None, overrides).run_dir
+    before, after, last = checkpoint(run_dir, 2), checkpoint(run_dir, 3), checkpoint(run_dir, 4)
+    assert after["progress"]["nonfinite_total"] == 1
+    weights = [k for k in before["model"] if "running" not in k and "num_batches" not in k]
+    # Step 3 (0-based 2) changed no weight on any rank: were one rank to update, its shard or its copy
+    # would hold NaN from the all-reduced gradients.
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in weights)
+    assert parameter_difference(after["model"], last["model"]) > 0  # and training went on
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
 def _rank_main_until_stopped(rank, world, port, overrides):
     from sslscale.train import EXIT_STOPPED_FOR_REQUEUE, StoppedForRequeue
     try:

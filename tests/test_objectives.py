@@ -234,7 +234,9 @@ def test_dino_teacher_is_an_ema_of_the_student_and_centre_moves():
     with torch.no_grad():
         for p in encoder.parameters():
             p.add_(1.0)
-    objective.after_optimizer_step(0, encoder)
+    objective.after_optimizer_step(0, encoder, skip=torch.ones(()))  # a skipped step: the teacher holds still
+    assert all(torch.equal(b, a) for b, a in zip(teacher_before, objective.teacher_encoder.parameters()))
+    objective.after_optimizer_step(0, encoder, skip=torch.zeros(()))
     m = cosine_momentum(0.996, 0, 100)
     assert m == pytest.approx(0.996)
     for before, after, student in zip(teacher_before, objective.teacher_encoder.parameters(), encoder.parameters()):

@@ -138,12 +138,31 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(tiny_config, monkeypa
 
 def test_too_many_non_finite_losses_in_a_row_abort_and_keep_the_last_checkpoint(tiny_config, monkeypatch):
     monkeypatch.setattr(SSLModel, "forward", nan_at(set(range(2, 100))))
-    cfg = tiny_config("train.max_steps=20", "train.max_nonfinite_steps=3")
+    cfg = tiny_config("train.max_steps=20", "train.max_nonfinite_steps=3", "train.check_every_steps=1")
     with pytest.raises(TooManyNonFiniteLosses, match="3 non-finite losses in a row"):
         pretrain(cfg)
     state = final_state(cfg)
     assert state["progress"]["step"] == 4 and state["progress"]["nonfinite_total"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_between_checks_non_finite_steps_change_nothing_and_the_streak_is_caught_at_the_next_check(tiny_config,
+                                                                                                   monkeypatch):
+    """The host reads the non-finite counts every 4 steps; the skips themselves happen on the device."""
+    monkeypatch.setattr(SSLModel, "forward", nan_at(set(range(2, 100))))
+    cfg = tiny_config("train.max_steps=20", "train.max_nonfinite_steps=3", "train.check_every_steps=4",
+                      "checkpoint.keep=10")
+    with pytest.raises(TooManyNonFiniteLosses, match="6 non-finite losses in a row"):
+        pretrain(cfg)  # the streak reaches 3 at step 5, the check at step 8 sees 6
+    ckpt = Checkpointer(cfg.run_dir, 10)
+    assert ckpt.complete() == ["step_000000002", "step_000000004", "step_000000006"]
+    states = [ckpt.load_full(name) for name in ckpt.complete()]
+    assert [s["progress"]["nonfinite_total"] for s in states] == [0, 2, 4]
+    for later in states[1:]:  # after step 2 every update was skipped: weights and momentum did not move
+        assert all(torch.equal(states[0]["model"][k], v) for k, v in later["model"].items() if "running" not in k
+                   and "num_batches" not in k)
+        assert all(torch.equal(states[0]["optimizer"]["state"][k]["momentum_buffer"], v["momentum_buffer"])
+                   for k, v in later["optimizer"]["state"].items())
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

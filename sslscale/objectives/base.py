@@ -28,5 +28,6 @@ class Objective(nn.Module):
         """Called between backward and the optimizer step (e.g. to cancel gradients)."""
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int, encoder: nn.Module) -> None:
-        """Called after each optimizer step (e.g. EMA teachers)."""
+    def after_optimizer_step(self, step: int, encoder: nn.Module, skip: torch.Tensor) -> None:
+        """Called after each optimizer step (e.g. EMA teachers). skip: 1.0 if the step's update was skipped
+        (decided on the device; never read it on the host)."""

@@ -63,7 +63,7 @@ class DINO(Objective):
             with torch.no_grad():
                 batch_center = self.gather(torch.cat(teacher_out).float()).mean(0)
                 self.center.mul_(self.cfg.center_momentum).add_(batch_center, alpha=1 - self.cfg.center_momentum)
-        logs["tau_t"] = torch.tensor(tau_t)
+        logs["tau_t"] = tau_t  # a Python number: schedule values never leave the host
         return loss, logs
 
     def after_backward(self, step: int) -> None:
@@ -73,9 +73,13 @@ class DINO(Objective):
                 p.grad = None
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int, encoder) -> None:
+    def after_optimizer_step(self, step: int, encoder, skip: torch.Tensor) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, as one lerp over all tensors; a skipped
+        step (skip = 1, on the device) moves nothing, as the student did not move."""
+        from sslscale.optim import local
         momentum = cosine_momentum(self.cfg.momentum_start, step, self.ctx.total_steps)
-        pairs = [(self.teacher_encoder, encoder), (self.teacher_head, self.student_head)]
-        for teacher, student in pairs:
-            for t, s in zip(teacher.parameters(), student.parameters()):
-                t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+        teacher = [*self.teacher_encoder.parameters(), *self.teacher_head.parameters()]
+        student = [*encoder.parameters(), *self.student_head.parameters()]
+        weight = (1 - momentum) * (1 - skip)
+        torch._foreach_lerp_([local(t) for t in teacher], [local(s.detach()) for s in student],
+                             [weight] * len(teacher))

@@ -82,5 +82,5 @@ class DISSL(Objective):
         beta = warmed_up_beta(self.cfg.beta, self.cfg.lam, step, self.cfg.beta_warmup_steps)
         loss, logs = dissl_loss(teacher_logits, student_logits, lam=self.cfg.lam, beta=beta,
                                 tau_t=self.cfg.tau_t, tau_s=self.cfg.tau_s, gather=self.gather)
-        logs["beta"] = torch.tensor(beta)
+        logs["beta"] = beta  # a Python number: schedule values never leave the host
         return loss, logs
