@@ -19,8 +19,11 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_map
 
 from sslscale import dcp_io
 from sslscale.atomic import write_text_atomic
@@ -49,6 +52,7 @@ class Checkpointer:
         self.dir = os.path.join(run_dir, "ckpt")
         self.keep = keep
         self.pending: PendingWrite | None = None
+        self._writer: ThreadPoolExecutor | None = None  # the thread of background single-file writes
 
     @staticmethod
     def name(step: int) -> str:
@@ -62,15 +66,23 @@ class Checkpointer:
                  if n.startswith("step_") and os.path.exists(os.path.join(self.dir, n, MARKER))]
         return sorted(names)
 
-    def save(self, step: int, state: dict) -> str:
-        """One file, written by one process (rank 0 of an unsharded run)."""
+    def save(self, step: int, state: dict, *, background: bool = False) -> None:
+        """One file, written by one process (rank 0 of an unsharded run). With `background` the state is
+        first copied to host memory (training may change the originals right after), then written and
+        committed by a thread while training goes on (finish_pending); at most one write is in flight."""
         name = self.name(step)
-        final = os.path.join(self.dir, name)
-        if os.path.exists(os.path.join(final, MARKER)):
-            return final  # this step is already saved (e.g. a stop signal right after a periodic save)
+        if os.path.exists(os.path.join(self.dir, name, MARKER)):
+            return  # this step is already saved (e.g. a stop signal right after a periodic save)
+        self.finish_pending(wait=True)
         tmp = self._fresh_temp(name, os.getpid())
-        _save_file(state, os.path.join(tmp, STATE_FILE))
-        return self._commit(tmp, name, step)
+        path = os.path.join(tmp, STATE_FILE)
+        if not background:
+            _save_file(state, path)
+            self._commit(tmp, name, step)
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sslscale-checkpoint")
+        self.pending = PendingWrite(self._writer.submit(_save_file, host_copy(state), path), tmp, name, step, True)
 
     def save_sharded(self, step: int, shards: dict, small: dict, *, is_main: bool, async_group=None) -> None:
         """Collective: every rank passes its shards of "model" and "optimizer"; rank 0's `small` parts
@@ -177,6 +189,27 @@ class PendingWrite:
     name: str
     step: int
     is_main: bool
+
+
+def host_copy(state):
+    """Every tensor of a (nested) state copied to CPU memory, so that a background write sees the values
+    of this moment. Device tensors go through pinned memory without a stop per tensor, then one sync."""
+    on_device = False
+
+    def copy(value):
+        nonlocal on_device
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.device.type == "cpu":
+            return value.detach().clone()
+        on_device = True
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=torch.cuda.is_available())
+        return host.copy_(value.detach(), non_blocking=True)
+
+    copied = tree_map(copy, state)
+    if on_device and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return copied
 
 
 def _save_file(obj, path: str) -> None:

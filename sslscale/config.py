@@ -178,8 +178,9 @@ class DistConfig:
 class CheckpointConfig:
     every_steps: int = 1000
     keep: int = 3
-    # Sharded (fsdp) runs only: write shards in the background while training goes on. A crash then loses
-    # at most the last interval plus the time one write takes.
+    # Write checkpoints in the background while training goes on (after a copy to host memory; the shards of
+    # an FSDP run, the one file of a DDP run). A crash then loses at most the last interval plus the time one
+    # write takes.
     async_save: bool = False
 
 

@@ -296,7 +296,7 @@ class Trainer:
 
     def save(self) -> None:
         """Unsharded: rank 0 writes one file (every rank holds the same state). Sharded (FSDP): every rank
-        writes its shards, maybe in the background (checkpoint.async_save)."""
+        writes its shards. Either kind in the background with checkpoint.async_save."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_state, optim_state = get_state_dict(self.core, self.optimizer)
         small = {key: part.state_dict() for key, part in self.small_parts.items()}
@@ -306,9 +306,11 @@ class Trainer:
             self.checkpointer.save_sharded(step, {"model": model_state, "optimizer": optim_state}, small,
                                            is_main=self.env.is_main, async_group=self.async_group)
             return
+        background = self.cfg.checkpoint.async_save
         if self.env.is_main:
-            self.checkpointer.save(step, {"model": model_state, "optimizer": optim_state, **small})
-        if self.env.is_distributed:
+            self.checkpointer.save(step, {"model": model_state, "optimizer": optim_state, **small},
+                                   background=background)
+        if self.env.is_distributed and not background:
             torch.distributed.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
 
     def train_step(self, batch, step: int) -> tuple[torch.Tensor, dict]:

@@ -54,7 +54,7 @@ def test_a_run_writes_its_folder_checkpoints_and_tensorboard_scalars(tiny_config
     ("dissl", ["optim.name=lars"]),
     ("dino", ["data.crops=[{size: 8, count: 2}, {size: 4, count: 2, scale: [0.2, 0.5]}]"]),
     ("cissl", ["optim.name=adam", "optim.base_lr=0.001", "optim.grad_clip_value=2.0"]),
-    ("simclr", ["train.channels_last=false"]),
+    ("simclr", ["train.channels_last=false", "checkpoint.async_save=true"]),
     ("dissl", ["data.backend=dali", "data.augment.blur_p=0.5", "data.augment.blur_sigma=[0.1, 0.6]"]),
 ])
 def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path, objective, extra):
