@@ -22,6 +22,7 @@ from sslscale.config import Config
 DEFAULT_SLURM_CONF = "/etc/slurm/slurm.conf"
 MUNGE_SOCKET_DIRS = ("/run/munge", "/var/run/munge")
 MUNGE_SOCKET_DIR_INSIDE = "/run/munge"  # where libmunge looks in the image (Ubuntu's build)
+SQUASHFS_SUFFIXES = (".sqsh", ".squashfs")  # enroot's image files
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,11 @@ class Mount:
 
 
 def image_is_path(cfg: Config) -> bool:
-    """Apptainer runs an image file; pyxis takes a path only when it starts with '/' or '.' (as pyxis
-    itself decides), anything else is a registry reference it imports."""
+    """Apptainer runs an image file. pyxis takes a path when it starts with '/' or '.' and imports anything
+    else from a registry; a name ending in .sqsh is a file too (submit.py makes it absolute for pyxis)."""
     s = cfg.slurm
-    return s.container is not None and (s.container_runtime == "apptainer" or s.container.startswith(("/", ".")))
+    return s.container is not None and (s.container_runtime == "apptainer" or s.container.startswith(("/", "."))
+                                        or s.container.endswith(SQUASHFS_SUFFIXES))
 
 
 def requeue_mounts(environ=os.environ) -> list[Mount]:

@@ -262,7 +262,8 @@ def test_bad_container_settings_stop_with_one_line_naming_the_key(tmp_path, over
 
 def test_a_missing_image_file_is_refused_before_anything_is_created(tmp_path, capsys):
     for runtime, image, hint in [("apptainer", "sslscale.sif", "apptainer build sslscale.sif docker-daemon://"),
-                                 ("pyxis", "./sslscale.sqsh", "enroot import dockerd://")]:
+                                 ("pyxis", "./sslscale.sqsh", "enroot import dockerd://"),
+                                 ("pyxis", "sslscale.sqsh", "enroot import dockerd://")]:
         assert submit_main([QUICKSTART, *tiny_overrides(tmp_path / "runs"), f"slurm.container_runtime={runtime}",
                             "--container", image, "--dry-run"]) == 2
         err = capsys.readouterr().err
