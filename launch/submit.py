@@ -8,6 +8,8 @@ Pretraining: the resolved config is saved in the run folder before submission; t
 per GPU) trains from it and is requeued on time limits and pre-emption (see launch/jobs.py).
 Submitting again for an existing run folder resumes it; a config whose shape-changing keys differ
 is refused unless --force-new. Everything that can be checked is checked before anything is queued.
+With --container IMAGE (slurm.container) every task runs inside that image, through pyxis or Apptainer
+(launch/container.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ if __package__ in (None, ""):  # `python launch/submit.py` from a checkout
 import submitit  # noqa: E402
 
 from launch import cluster as slurm_cluster  # noqa: E402
+from launch import container  # noqa: E402
 from launch.jobs import EvalJob, PretrainJob  # noqa: E402
 from sslscale.checkpoint import check_signature  # noqa: E402
 from sslscale.config import Config, ConfigError, dump_config, load_config  # noqa: E402
@@ -32,7 +35,7 @@ PRETRAIN_JOB_FILE = "pretrain_job_id"  # in <run>/submitit/: lets --eval wait fo
 
 # Command-line flag -> slurm config key.
 FLAGS = {"nodes": int, "gpus_per_node": int, "tasks_per_node": int, "partition": str, "account": str,
-         "qos": str, "constraint": str, "time": int, "mem": int, "cpus_per_task": int, "cluster": str}
+         "qos": str, "constraint": str, "time": int, "mem": int, "cpus_per_task": int, "cluster": str, "container": str}
 FLAG_KEYS = {"time": "time_min", "mem": "mem_gb"}
 
 
@@ -51,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in FLAGS.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=None,
                             help=f"slurm.{FLAG_KEYS.get(flag, flag)}" + (" (minutes)" if flag == "time" else "")
-                            + (" (GB per node)" if flag == "mem" else ""))
+                            + (" (GB per node)" if flag == "mem" else "")
+                            + (": run the job inside this image (docs/containers.md)" if flag == "container" else ""))
     return parser
 
 
@@ -65,6 +69,8 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.run.root = os.path.abspath(cfg.run.root)
     if cfg.data.path is not None and "://" not in cfg.data.path:
         cfg.data.path = os.path.abspath(cfg.data.path)
+    if container.image_is_path(cfg):
+        cfg.slurm.container = os.path.abspath(cfg.slurm.container)
     return cfg
 
 
@@ -122,13 +128,16 @@ def make_executor(cfg: Config, folder: str, *, name: str, gpus: int, tasks: int,
         executor.update_parameters(timeout_min=time_min, tasks_per_node=tasks, gpus_per_node=gpus,
                                    signal_delay_s=s.signal_delay_s)
         return executor
-    executor = submitit.SlurmExecutor(folder, max_num_timeout=s.max_num_timeout)
+    # In a container (slurm.container): srun's pyxis options, or an `apptainer exec` prefix that starts the image's
+    # Python; each is None / empty without one.
+    executor = submitit.SlurmExecutor(folder, max_num_timeout=s.max_num_timeout,
+                                      python=container.python_command(cfg, gpus))
     additional = {"chdir": cfg.run_dir} if os.path.isdir(cfg.run_dir) else {}
     if dependency:
         additional["dependency"] = dependency
     params = dict(job_name=name, time=time_min, nodes=nodes, ntasks_per_node=tasks, cpus_per_task=s.cpus_per_task,
                   signal_delay_s=s.signal_delay_s, partition=s.partition, account=s.account, qos=s.qos,
-                  constraint=s.constraint, additional_parameters=additional)
+                  constraint=s.constraint, additional_parameters=additional, srun_args=container.srun_args(cfg))
     if gpus:
         params["gpus_per_node"] = gpus
     if s.mem_gb is not None:
@@ -147,8 +156,12 @@ def job_script(cfg: Config, folder: str, **shape) -> str:
 
 
 def check_cluster(cfg: Config, gpus: int, nodes: int) -> None:
+    """Whether the cluster can run the job: its container image and mounts exist, then the job's shape."""
     if cfg.slurm.cluster != "slurm":
         return
+    problems = container.check(cfg)
+    if problems:
+        raise ConfigError(problems)
     try:
         problems = slurm_cluster.check_job_shape(cfg.slurm.partition, nodes, gpus)
     except slurm_cluster.ClusterUnavailable as error:

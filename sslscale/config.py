@@ -26,6 +26,7 @@ STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 CLUSTERS = ("slurm", "local", "debug")
 COSINE_ORIGINS = ("start", "warmup_end")
+CONTAINER_RUNTIMES = ("pyxis", "apptainer")
 
 
 class ConfigError(ValueError):
@@ -203,6 +204,13 @@ class SlurmConfig:
     max_crash_retries: int = 2  # requeues after a crash (non-zero exit without a signal), then the job fails
     eval_gpus: int = 1  # the linear-probe job
     eval_time_min: int = 240
+    # Run every task inside a container image (docs/containers.md). pyxis: an image reference
+    # (registry#name:tag) or a squashfs file (.sqsh); apptainer: a .sif file. None: no container.
+    container: str | None = None
+    container_runtime: str = "pyxis"  # pyxis (srun --container-image) | apptainer (apptainer exec)
+    # Mounts beyond those launch/container.py adds (run root, data, SLURM config, munge): SRC[:DST[:ro|rw]].
+    container_mounts: list[str] = field(default_factory=list)
+    container_python: str = "/opt/sslscale/venv/bin/python"  # the image's Python (the Dockerfile's venv)
 
     @property
     def tasks(self) -> int:
@@ -529,6 +537,28 @@ def _validate_slurm(s: SlurmConfig) -> list[str]:
             e.append(f"slurm.{key}: {getattr(s, key)} must be >= 0")
     if s.signal_delay_s >= s.time_min * 60:
         e.append(f"slurm.signal_delay_s: {s.signal_delay_s} s is not shorter than slurm.time_min ({s.time_min} min)")
+    return e + _validate_container(s)
+
+
+def _validate_container(s: SlurmConfig) -> list[str]:
+    e = _choice("slurm.container_runtime", s.container_runtime, CONTAINER_RUNTIMES)
+    if s.container is not None:
+        if not s.container.strip() or any(c.isspace() for c in s.container):
+            e.append(f"slurm.container: {s.container!r}; give an image without spaces, or null for no container")
+        elif s.container_runtime == "apptainer" and "://" in s.container:
+            e.append(f"slurm.container: {s.container!r}; apptainer would convert it on every task: build a .sif "
+                     f"file once (apptainer build sslscale.sif {s.container}) and give its path")
+        if s.cluster != "slurm":
+            e.append(f"slurm.container: runs tasks through srun or apptainer inside a SLURM job; slurm.cluster "
+                     f"is {s.cluster!r} (use slurm, or container: null)")
+    for mount in s.container_mounts:
+        parts = mount.split(":")
+        if "," in mount or len(parts) > 3 or not all(p.startswith("/") for p in parts[:2]) \
+                or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            e.append(f"slurm.container_mounts: {mount!r}; expected SRC, SRC:DST or SRC:DST:ro|rw with absolute "
+                     "paths and no commas")
+    if not s.container_python.startswith("/") or any(c.isspace() for c in s.container_python):
+        e.append(f"slurm.container_python: {s.container_python!r}; give the absolute path of Python inside the image")
     return e
 
 
