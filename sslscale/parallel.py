@@ -80,9 +80,9 @@ def wrap_for_training(core: nn.Module, strategy: str, env: DistEnv, device: torc
                                                broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
-def prepare_batchnorm(core: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
+def prepare_batchnorm(core: nn.Module, env: DistEnv) -> nn.Module:
     """Batch statistics over the global batch, as one process would compute them."""
-    return sync_batchnorm(core, device) if env.is_distributed else core
+    return sync_batchnorm(core) if env.is_distributed else core
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -198,7 +198,7 @@ class Trainer:
                            gather=gather)
         # `core` is the model itself (saved, evaluated); `model` runs the step (DDP-wrapped, or `core` itself
         # sharded in place by FSDP). The optimizer is built last: under FSDP it must see the sharded parameters.
-        self.core = prepare_batchnorm(core, self.env, self.device).to(
+        self.core = prepare_batchnorm(core, self.env).to(
             self.device, memory_format=weight_layout(cfg.dist.strategy, self.env, self.layout))
         self.model = wrap_for_training(self.core, cfg.dist.strategy, self.env, self.device, cfg.train.precision)
         self.sharded = is_sharded(self.core)
