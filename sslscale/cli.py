@@ -1,4 +1,4 @@
-"""`sslscale pretrain | plan | linear-eval | export | prepare-data | preview`.
+"""`sslscale pretrain | plan | bench | linear-eval | export | prepare-data | preview`.
 
 Errors a user can fix (bad config, missing data, mismatched checkpoint) print one clear message and
 exit with status 2; a run stopped by SIGTERM / SIGUSR2 exits with EXIT_STOPPED_FOR_REQUEUE after
@@ -57,6 +57,24 @@ def _plan(args) -> int:
         print(json.dumps(plan))
     else:
         print(format_plan(plan, f"plan of {args.config} (run folder {cfg.run_dir})"))
+    return 0
+
+
+def _bench(args) -> int:
+    from sslscale.bench import MEASUREMENTS, print_results, run_bench
+    from sslscale.config import ConfigError, load_config
+    from sslscale.distributed import read_env
+    cfg = load_config(args.config, args.overrides)
+    only = args.only.split(",") if args.only else list(MEASUREMENTS)
+    unknown = [m for m in only if m not in MEASUREMENTS]
+    problems = [f"--only: {', '.join(unknown)}; valid: {', '.join(MEASUREMENTS)}"] if unknown else []
+    problems += [f"--{name}: {value}; must be >= {low}" for name, value, low in
+                 (("steps", args.steps, 1), ("warmup", args.warmup, 0)) if value < low]
+    if problems:
+        raise ConfigError(problems)
+    results = run_bench(cfg, steps=args.steps, warmup=args.warmup, measurements=only)
+    if read_env().is_main:
+        print_results(results, args.json, sys.stdout)
     return 0
 
 
@@ -142,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     p.add_argument("--no-flops", action="store_true", help="skip fvcore's FLOP count (it traces the model)")
     p.set_defaults(func=_plan)
+
+    p = commands.add_parser("bench", help="how fast a config trains here: step, data, end to end; MFU, host time")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value, as for pretrain (e.g. data.batch_size=320)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, pipeline start-up)")
+    p.add_argument("--only", default=None, help="comma-separated subset of step,data,end_to_end")
+    p.add_argument("--json", action="store_true", help="JSON lines only, no table")
+    p.set_defaults(func=_bench)
 
     p = commands.add_parser("linear-eval", help="linear probe (and kNN) of a run's newest checkpoint")
     p.add_argument("run_dir", help="run folder, e.g. checkpoints/quickstart")

@@ -161,6 +161,9 @@ class TrainConfig:
     precision: str = "bf16"
     device: str = "auto"
     channels_last: bool = True  # NHWC memory layout for the convnet: faster on GPUs and on x86 CPUs
+    # torch.compile the trunk (one graph per crop resolution; the first steps take minutes to compile, on a
+    # CPU too). Checkpoints and results are the same as without.
+    compile: bool = False
     log_every_steps: int = 50
     max_nonfinite_steps: int = 20  # abort after this many non-finite losses in a row
     # The host reads the device's flags (non-finite steps, stop requests of signals) every this many steps: a

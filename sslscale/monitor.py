@@ -31,10 +31,22 @@ class Monitor:
         self.end_step, self.samples_per_epoch = end_step, samples_per_epoch
         self.global_batch, self.log_every = global_batch, log_every
         self.writer = None
+        self._flops_per_image = self._peak_flops = None
+        self._devices = 1
         self._reset_window(time.perf_counter())
         # First and last window averages of every scalar: the label-free signals of learning.
         self.first: dict[str, float] = {}
         self.last: dict[str, float] = {}
+
+    def measure_mfu(self, flops_per_image: float | None, peak_flops_per_device: float | None, devices: int) -> None:
+        """Show model FLOPs utilisation next to images/s: the FLOPs a training image costs (sslscale plan),
+        and the peak of one device (sslscale/hardware.py; None on CPUs)."""
+        self._flops_per_image, self._peak_flops, self._devices = flops_per_image, peak_flops_per_device, devices
+
+    def mfu(self, images_per_s: float) -> float | None:
+        if not (self._flops_per_image and self._peak_flops):
+            return None
+        return images_per_s * self._flops_per_image / (self._peak_flops * self._devices)
 
     def start(self, step: int) -> None:
         """Open the event file and the first timing window, just before the first step."""
@@ -74,14 +86,17 @@ class Monitor:
             self.first = dict(averages)
         self.last = dict(averages)
         if self.enabled:
+            mfu = self.mfu(images_per_s)
             scalars = {**{f"loss/{k}": v for k, v in averages.items()}, "opt/lr": lr,
                        "perf/images_per_s": images_per_s, "perf/data_wait_fraction": data_fraction,
+                       **({"perf/mfu": mfu} if mfu is not None else {}),
                        **self._read_on_host(gauges or {}, reduce=False)}
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, done)
             terms = " ".join(f"{k} {v:.4g}" for k, v in averages.items())
             print(f"step {done}/{self.end_step} epoch {done * self.global_batch / self.samples_per_epoch:.2f} {terms} "
-                  f"lr {lr:.3g} img/s {images_per_s:.0f} data {data_fraction:.0%} ETA {format_duration(eta)}",
+                  f"lr {lr:.3g} img/s {images_per_s:.0f}" + (f" MFU {mfu:.1%}" if mfu is not None else "")
+                  + f" data {data_fraction:.0%} ETA {format_duration(eta)}",
                   file=self.stream, flush=True)
         self._reset_window(now)
 

@@ -28,6 +28,7 @@ from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signatur
 from sslscale.config import Config, ConfigError, dump_config, load_config
 from sslscale.distributed import (AllGatherWithGrad, DistEnv, PeerWatch, RankFailure, destroy_process_group,
                                   init_process_group, is_collective_failure, local_gpu_index, read_env)
+from sslscale.hardware import peak_flops
 from sslscale.model import build_model
 from sslscale.monitor import Monitor
 from sslscale.optim import build_optimizer, build_schedule
@@ -200,16 +201,19 @@ class Trainer:
         # sharded in place by FSDP). The optimizer is built last: under FSDP it must see the sharded parameters.
         self.core = prepare_batchnorm(core, self.env).to(
             self.device, memory_format=weight_layout(cfg.dist.strategy, self.env, self.layout))
+        if cfg.train.compile:
+            # In place: the module and its state_dict keys stay as they are (checkpoints do not change).
+            self.core.encoder.compile()
         self.model = wrap_for_training(self.core, cfg.dist.strategy, self.env, self.device, cfg.train.precision)
         self.sharded = is_sharded(self.core)
-        if self.env.is_main:
-            self.show_plan()
         self.optimizer = build_optimizer(self.core, cfg.optim, self.global_batch)
         self.schedule = build_schedule(cfg, len(self.source), self.global_batch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.progress = Progress(self.device)
         # What check() last reported: non-finite steps counted so far, and the step it looked at.
         self.reported_nonfinite, self.last_check_step = 0, 0
+        # phase(name) wraps each part of a step; `sslscale bench` times them, training leaves it a no-op.
+        self.phase = lambda name: contextlib.nullcontext()
         self.checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep)
         # Background checkpoint writes talk over a gloo group of their own, never over the step's group.
         self.async_group = (torch.distributed.new_group(backend="gloo")
@@ -217,15 +221,20 @@ class Trainer:
         self.monitor = Monitor(cfg.run_dir, end_step=self.end_step, samples_per_epoch=len(self.source),
                                global_batch=self.global_batch, log_every=cfg.train.log_every_steps,
                                enabled=self.env.is_main, reduce=self.agree.mean, stream=self.stream)
+        self.plan: dict = {}
+        if self.env.is_main:
+            self.show_plan()
         # Besides model and optimizer, what a checkpoint holds; each part restores itself through load_state_dict().
         self.small_parts = {"scaler": self.scaler, "progress": self.progress, "monitor": self.monitor}
         self.rng = RNGStates()
 
     def show_plan(self) -> None:
         """What this run will do (sslscale plan), on the console and in plan.json of the run folder."""
-        plan = make_plan(self.cfg, dataset_size=len(self.source), world_size=self.env.world_size)
-        print(format_plan(plan, f"plan of {self.cfg.run_dir}"), file=self.stream, flush=True)
-        write_json_atomic(os.path.join(self.cfg.run_dir, "plan.json"), plan)
+        self.plan = make_plan(self.cfg, dataset_size=len(self.source), world_size=self.env.world_size)
+        print(format_plan(self.plan, f"plan of {self.cfg.run_dir}"), file=self.stream, flush=True)
+        write_json_atomic(os.path.join(self.cfg.run_dir, "plan.json"), self.plan)
+        self.monitor.measure_mfu(self.plan.get("flops_per_image", {}).get("train_step_flops"),
+                                 peak_flops(self.device, self.cfg.train.precision), self.env.world_size)
 
     def restore(self) -> None:
         """Resume from the newest checkpoint that reads; fall back past unreadable ones. If there are
@@ -318,9 +327,14 @@ class Trainer:
         (under fp16 loss scaling, also non-finite gradients) makes every rank skip the update: the flag is
         all-reduced on the device and handed to the optimizer as found_inf, and EMA teachers hold still.
         Backward runs regardless, since DDP expects one after every forward."""
-        with autocast(self.device, self.cfg.train.precision):
+        with self.phase("forward"), autocast(self.device, self.cfg.train.precision):
             loss, logs = self.model(batch.crops, step)
-        self.scaler.scale(loss).backward()
+        with self.phase("backward"):
+            self.scaler.scale(loss).backward()
+        with self.phase("optimizer"):
+            return self._update(loss, logs, step)
+
+    def _update(self, loss: torch.Tensor, logs: dict, step: int) -> tuple[torch.Tensor, dict]:
         objective = self.core.objective
         objective.after_backward(step)
         grads = None

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sslscale.checkpoint import Checkpointer, CheckpointMismatch
 from sslscale.config import ConfigError
-from sslscale.model import SSLModel
+from sslscale.model import SSLModel, build_model
 from sslscale.train import EXIT_STOPPED_FOR_REQUEUE, TooManyNonFiniteLosses, clip_gradients, pretrain
 from tests.conftest import tiny_overrides
 
@@ -227,3 +227,23 @@ def test_sigterm_stops_at_a_step_boundary_saves_and_exits_for_requeue(tmp_path):
     assert len(saved) == 1 and int(saved[0].split("_")[1]) >= 3
     resumed = run_cli(*args[:-2], "train.max_steps=8")
     assert resumed.returncode == 0 and f"from {saved[0]}" in resumed.stdout
+
+
+def test_a_compiled_trunk_trains_as_the_eager_one(tmp_path):
+    """train.compile: torch.compile of the trunk (minutes of compilation on a GPU recipe, seconds here). The
+    compiler reorders float arithmetic, so after two steps the weights agree to rounding, not bitwise."""
+    from sslscale.config import load_config
+    runs = {}
+    for compiled in (False, True):
+        cfg = load_config(None, tiny_overrides(tmp_path / str(compiled), "train.max_steps=2",
+                                               f"train.compile={str(compiled).lower()}"))
+        pretrain(cfg)
+        runs[compiled] = final_state(cfg)
+    eager, compiled = runs[False]["model"], runs[True]["model"]
+    assert eager.keys() == compiled.keys()  # the same checkpoint layout
+    torch.manual_seed(0)
+    initial = build_model(cfg, steps_per_epoch=47, total_steps=47).state_dict()
+    assert max((eager[k] - initial[k]).abs().max() for k in eager if eager[k].is_floating_point()) > 1e-3
+    for key in eager:
+        if eager[key].is_floating_point():
+            assert torch.allclose(eager[key], compiled[key], rtol=1e-4, atol=1e-5), key
