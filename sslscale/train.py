@@ -33,6 +33,7 @@ from sslscale.monitor import Monitor
 from sslscale.objectives import ObjectiveContext, build_objective
 from sslscale.optim import WarmupCosine, build_optimizer, peak_lr
 from sslscale.parallel import is_sharded, prepare_batchnorm, weight_layout, wrap_for_training
+from sslscale.rankme_tracker import rankme_tracker
 
 # Exit status of a run that stopped on SIGTERM / SIGUSR2 after saving a checkpoint: the launcher
 # requeues on it and treats any other non-zero status as a failure (75 is EX_TEMPFAIL).
@@ -380,6 +381,7 @@ class Trainer:
         self.model.train()
         self.monitor.start(progress.step)
         first_step = progress.step
+        rankme = rankme_tracker(cfg, self.core.encoder, self.env.world_size, first_step)
         try:
             with StopSignal() as stop:
                 waited_since = time.perf_counter()
@@ -398,6 +400,7 @@ class Trainer:
                     self.monitor.record(step, {"loss": loss, **logs}, lr=lr, data_seconds=data_seconds,
                                         extra={"health/nonfinite_total": progress.nonfinite_total,
                                                "health/unreadable_total": progress.unreadable_total})
+                    rankme.after_step(progress.step, self.monitor)
                     self.checkpointer.finish_pending(wait=False)
                     if progress.step % cfg.checkpoint.every_steps == 0 or progress.step == self.end_step:
                         self.save()
