@@ -2,9 +2,10 @@
 
 A *head group* is all (base lr, weight decay) points of one feature set (the trunk output or another
 layer) and one fit set (all train rows but the validation split, or a few labels per class). Its
-heads are one weight tensor [d, points x classes]: a batch costs one matmul for every point, and
-each point keeps its own lr and weight decay in a vectorised SGD (momentum 0.9, weight decay on
-weight and bias, exactly torch.optim.SGD's update). Groups sharing a fit set read the same batch
+heads are one weight tensor [d, points x classes]: a batch costs one matmul for every point (and one
+for the gradients, which have a closed form on frozen features), and each point keeps its own lr and
+weight decay in a vectorised SGD (momentum 0.9, weight decay on weight and bias, exactly
+torch.optim.SGD's update). Groups sharing a fit set read the same batch
 rows, so one read of the features feeds every head. Every point starts from the same seeded
 Linear(d, classes) initialisation and sees the same seeded batch order, so each point trains as it
 would alone.
@@ -16,7 +17,6 @@ carved from train; the reported numbers are final-epoch top-1 / top-5 on the tes
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -78,6 +78,7 @@ class HeadGroup:
     weight_decays: list[float]
     norm: str
     num_classes: int
+    compute_dtype: torch.dtype = torch.float32  # of the matmuls; weights, gradients and updates stay fp32
     weight: torch.Tensor = field(init=False)  # [d, P, C]
     bias: torch.Tensor = field(init=False)  # [P, C]
 
@@ -87,8 +88,8 @@ class HeadGroup:
         with torch.random.fork_rng(devices=[]):  # the same start as a lone nn.Linear under manual_seed(seed)
             torch.manual_seed(seed)
             start = torch.nn.Linear(d, c)
-        self.weight = start.weight.detach().T.unsqueeze(1).repeat(1, points, 1).to(device).requires_grad_()
-        self.bias = start.bias.detach().unsqueeze(0).repeat(points, 1).to(device).requires_grad_()
+        self.weight = start.weight.detach().T.unsqueeze(1).repeat(1, points, 1).to(device)
+        self.bias = start.bias.detach().unsqueeze(0).repeat(points, 1).to(device)
         self.momentum = [torch.zeros_like(self.weight), torch.zeros_like(self.bias)]
         self.lr = torch.tensor(self.base_lrs, device=device) * batch_size / 256
         self.decay = torch.tensor(self.weight_decays, device=device)
@@ -119,25 +120,36 @@ class HeadGroup:
         return x
 
     def logits(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        """[B, P, C] scores of every point."""
-        d, points, c = self.weight.shape
-        return (self.normalise(x, training) @ self.weight.view(d, points * c)).view(-1, points, c) + self.bias
+        """[B, P, C] float32 scores of every point."""
+        return self._scores(self.normalise(x, training))
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, schedule: float, autocast) -> None:
-        """One SGD step of every point on the batch (x, y); schedule: the cosine factor of this step."""
-        with autocast():
-            scores = self.logits(x, training=True)
-        # Each point's loss is its own mean cross-entropy; summing them keeps the gradients apart.
-        loss = F.cross_entropy(scores.float().permute(0, 2, 1), y.unsqueeze(1).expand(-1, scores.shape[1]),
-                               reduction="none").mean(0).sum()
-        weight_grad, bias_grad = torch.autograd.grad(loss, [self.weight, self.bias])
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor, schedule: float) -> None:
+        """One SGD step of every point on the batch (x, y); schedule: the cosine factor of this step.
+
+        Each point minimises its own mean cross-entropy. The features are frozen, so the gradients have
+        a closed form: d loss / d scores = (softmax - one-hot) / B, then one matmul for all weights."""
+        inputs = self.normalise(x, training=True)
+        d_scores = self._scores(inputs).softmax(dim=2)
+        d_scores.scatter_add_(2, y.view(-1, 1, 1).expand(-1, d_scores.shape[1], 1),
+                              torch.full((len(y), d_scores.shape[1], 1), -1.0, device=d_scores.device))
+        d_scores /= len(y)
+        d, points, c = self.weight.shape
+        weight_grad = (inputs.T.to(self.compute_dtype) @ d_scores.view(len(y), points * c).to(self.compute_dtype))
+        weight_grad = weight_grad.float().view(d, points, c)
+        bias_grad = d_scores.sum(0)
         lr = self.lr * schedule
-        with torch.no_grad():
-            for param, grad, buffer, shape in ((self.weight, weight_grad, self.momentum[0], (1, -1, 1)),
-                                               (self.bias, bias_grad, self.momentum[1], (-1, 1))):
-                grad = grad + self.decay.view(shape) * param  # torch.optim.SGD: d_p = grad + wd * p
-                buffer.mul_(MOMENTUM).add_(grad)  # buf = momentum * buf + d_p (buf starts at d_p)
-                param.sub_(lr.view(shape) * buffer)
+        for param, grad, buffer, shape in ((self.weight, weight_grad, self.momentum[0], (1, -1, 1)),
+                                           (self.bias, bias_grad, self.momentum[1], (-1, 1))):
+            grad += self.decay.view(shape) * param  # torch.optim.SGD: d_p = grad + wd * p
+            buffer.mul_(MOMENTUM).add_(grad)  # buf = momentum * buf + d_p (buf starts at d_p)
+            param.sub_(lr.view(shape) * buffer)
+
+    def _scores(self, normalised: torch.Tensor) -> torch.Tensor:
+        """The matmul in compute_dtype (bf16 on GPUs), accumulated and returned in fp32."""
+        d, points, c = self.weight.shape
+        product = normalised.to(self.compute_dtype) @ self.weight.view(d, points * c).to(self.compute_dtype)
+        return product.float().view(-1, points, c) + self.bias
 
     @torch.no_grad()
     def accuracy(self, source: FeatureSource, index: torch.Tensor, labels: torch.Tensor) -> list[dict]:
@@ -147,7 +159,7 @@ class HeadGroup:
         for start in range(0, len(index), source.chunk_rows):
             x = source.rows(index[start:start + source.chunk_rows])
             y = labels[index[start:start + source.chunk_rows]].to(self.weight.device)
-            ranked = self.logits(x, training=False).float().topk(top5, dim=2).indices  # [B, P, 5]
+            ranked = self.logits(x, training=False).topk(top5, dim=2).indices  # [B, P, 5]
             hits = ranked == y.view(-1, 1, 1)
             correct[0] += hits[:, :, 0].sum(0)
             correct[1] += hits.any(dim=2).sum(0)
@@ -177,7 +189,7 @@ def cosine(step: int, total: int) -> float:
 
 
 def train_groups(groups: list[HeadGroup], train_labels: torch.Tensor, *, epochs: int, batch_size: int, seed: int,
-                 autocast=contextlib.nullcontext, progress=None) -> None:
+                 progress=None) -> None:
     """Trains every group to the end of its own schedule in one interleaved pass: at each step, each fit
     set still running draws its batch and every group on that fit set steps on it."""
     by_fit: dict[str, list[HeadGroup]] = {}
@@ -200,6 +212,6 @@ def train_groups(groups: list[HeadGroup], train_labels: torch.Tensor, *, epochs:
             rows = members[0].fit[positions]
             y = labels[rows.to(device)]
             for group in members:
-                group.step(group.features.rows(rows), y, cosine(step, batches.total), autocast)
+                group.step(group.features.rows(rows), y, cosine(step, batches.total))
         if progress is not None:
             progress(step + 1, longest)

@@ -2,7 +2,6 @@
 layers in one pass), kNN (every k from one similarity pass) and RankMe, on the probe's device."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 
@@ -29,11 +28,9 @@ def ordered_chunks(source: FeatureSource):
         yield start, chunk.to(source.device)
 
 
-def probe_autocast(device: torch.device, precision: str):
+def probe_dtype(device: torch.device, precision: str) -> torch.dtype:
     """bf16 matmuls for the heads on a GPU (unless the run is fp32); fp32 on the CPU, where bf16 is slow."""
-    if device.type == "cuda" and precision != "fp32":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+    return torch.bfloat16 if device.type == "cuda" and precision != "fp32" else torch.float32
 
 
 class Progress:
@@ -69,7 +66,8 @@ def probe_features(train: CachedSplit, test: CachedSplit, sets: list[str], num_c
         budgets.update({budget_name(n): per_class_subset(train.labels, fit, n, cfg.run.seed) for n in e.labels_per_class})
         grid = list(itertools.product(e.linear.base_lrs, e.linear.weight_decays))
         groups = [HeadGroup(fit_sources[s], budget, index, [lr for lr, _ in grid], [wd for _, wd in grid],
-                            e.linear.norm, num_classes) for s in sets for budget, index in budgets.items()]
+                            e.linear.norm, num_classes, probe_dtype(device, cfg.train.precision))
+                  for s in sets for budget, index in budgets.items()]
         say(f"  linear heads: {len(grid)} sweep points x {len(budgets)} label budgets x {len(sets)} feature sets = "
             f"{len(grid) * len(groups)} heads, trained together ({e.linear.epochs} epochs)")
         progress = Progress(say, "linear heads")
@@ -78,7 +76,7 @@ def probe_features(train: CachedSplit, test: CachedSplit, sets: list[str], num_c
             progress(done, total)
             check_stop()
         train_groups(groups, train.labels, epochs=e.linear.epochs, batch_size=e.linear.batch_size, seed=cfg.run.seed,
-                     autocast=probe_autocast(device, cfg.train.precision), progress=report)
+                     progress=report)
         everything = torch.arange(len(test))
         for group in groups:
             on_val = group.accuracy(fit_sources[group.features.name], val, train.labels)
