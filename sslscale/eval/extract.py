@@ -65,6 +65,8 @@ def plan_blocks(folder: str, sizes: dict[str, int], block_rows: int, layers: lis
                 problem = block_problem(os.path.join(folder, split), block, span, layers, verify_checksums=True)
                 if problem is not None:
                     mine.append((split, block, problem))
+                    if problem != "missing":  # by the rank that checked it, before anyone rewrites it
+                        drop_block(os.path.join(folder, split), block)
     found = sorted(item for part in _all_gather(env, mine) for item in part)
     return [(split, block) for split, block, _ in found], [item for item in found if item[2] != "missing"]
 
@@ -86,8 +88,6 @@ def build_cache(folder: str, parts: dict, taps: LayerTaps, sources: dict, cfg, e
     total = sum(len(block_ranges(rows, block_rows)) for rows in sizes.values())
     for split, block, problem in bad:
         say(f"feature cache {folder}: {split} block {block} {problem}; extracting it again")
-        if env.is_main:
-            drop_block(os.path.join(folder, split), block)
     if not todo:
         say(f"feature cache {folder}: reusing all {total} blocks ({', '.join(f'{n} {s}' for s, n in sizes.items())} "
             f"rows; fingerprint {parts_fingerprint(folder)[:12]})")
