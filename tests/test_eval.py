@@ -211,3 +211,31 @@ def test_eval_settings_are_checked(tiny_config):
     for needle in ("eval.layers: 'teacher_head'", "eval.knn.k: give at least one k", "eval.linear.norm: 'layernorm'",
                    "eval.cache.block_rows: 0", "names a budget twice"):
         assert needle in text
+
+
+def test_a_12_point_sweep_on_fashion_mnist_equals_the_points_trained_one_by_one(tiny_config):
+    """Fashion-MNIST pixels (784-d) as the cached features: every point of a 12-point sweep, trained together,
+    gets the accuracies it gets alone (same seed), to one image of the 1,000 test images (0.1 point): the
+    12-head matmul sums in another order than the 1-head one, so weights agree to float32 rounding only."""
+    from data_pipelines.sources import fashion_mnist
+    train, test = fashion_mnist("train"), fashion_mnist("val")
+    x, y = train.images[:1500].reshape(1500, -1).float() / 255, train.labels[:1500]
+    tx, ty = test.images[:1000].reshape(1000, -1).float() / 255, test.labels[:1000]
+    lrs, wds = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], [0.0, 1e-3]
+    common = ["eval.linear.epochs=4", "eval.linear.batch_size=256", "eval.knn.enabled=false", "eval.rankme=false"]
+    together = probe_features(as_split(x, y, 1024), as_split(tx, ty, 1024), ["trunk"], 10,
+                              tiny_config(*common, f"eval.linear.base_lrs={lrs}", f"eval.linear.weight_decays={wds}"),
+                              "cpu")["linear"]["points"]
+    assert len(together) == 12
+    differences = []
+    for point in together:
+        alone = probe_features(as_split(x, y, 1024), as_split(tx, ty, 1024), ["trunk"], 10,
+                               tiny_config(*common, f"eval.linear.base_lrs=[{point['base_lr']}]",
+                                           f"eval.linear.weight_decays=[{point['weight_decay']}]"), "cpu")
+        (single,) = alone["linear"]["points"]
+        for split in ("val", "test"):
+            for k in ("top1", "top5"):
+                differences.append(abs(single[split][k] - point[split][k]))
+                assert single[split][k] == pytest.approx(point[split][k], abs=0.11), (point, split, k)
+    print(f"largest difference, together vs alone: {max(differences):.3f} points")
+    assert max(p["test"]["top1"] for p in together) > 70  # the probe learns: chance is 10

@@ -162,3 +162,19 @@ def test_linear_eval_and_knn_of_an_exported_trunk_file(trained, tmp_path, capsys
     evaluate_run(cfg)
     assert np.array_equal(cached(str(tmp_path / "trunk_eval"), "train", "trunk_file"),
                           cached(os.path.join(cfg.run_dir, "eval"), "train"))
+
+
+def test_an_fsdp_checkpoint_is_evaluated_like_a_ddp_one(tmp_path):
+    """Sharded (DCP) checkpoints consolidate in the evaluating process: the cached features are those of the
+    trunk `export` writes from the same shards."""
+    from tests.test_distributed import run_world
+    overrides = tiny_overrides(tmp_path, *EVAL, "dist.strategy=fsdp")
+    run_world(2, overrides)
+    cfg = load_config(None, overrides)
+    report = evaluate_run(cfg)
+    assert report["checkpoint"] == "step_000000002" and report["results"]["pretrained"]["rankme"]["n"] == 600
+    out = str(tmp_path / "trunk.pt")
+    assert main(["export", cfg.run_dir, out]) == 0
+    assert main(["knn", out, "--config", os.path.join(cfg.run_dir, "config.yaml")]) == 0
+    assert np.array_equal(cached(str(tmp_path / "trunk_eval"), "train", "trunk_file"),
+                          cached(os.path.join(cfg.run_dir, "eval"), "train"))
