@@ -23,6 +23,10 @@ def plot_sweep(report: dict, path: str) -> None:
     figure, axes = plt.subplots(len(set_names), len(names), figsize=(4.8 * len(names), 3.2 * len(set_names)),
                                 squeeze=False, sharey=True)
     colours = plt.get_cmap("tab10").colors
+    values = [p[split]["top1"] for name in names for results_of_set in _feature_sets(results[name]).values()
+              for key, entry in results_of_set.items() if key.startswith("linear")
+              for p in entry["points"] for split in ("val", "test")]
+    limits = (max(0.0, min(values, default=0) - 10), min(100.0, max(values, default=100) + 5))  # shared y axis
     for column, name in enumerate(names):
         for row, set_name in enumerate(set_names):
             axis = axes[row][column]
@@ -43,14 +47,17 @@ def plot_sweep(report: dict, path: str) -> None:
                 axis.scatter([xs[best]], [tests[best] + 1.5], marker="*", color="black", s=60, zorder=3,
                              label="chosen on validation" if b == 0 else None)
             axis.set_xticks(range(len(points)))
-            axis.set_xticklabels([f"lr {p['base_lr']:g}\nwd {p['weight_decay']:g}" for p in points], fontsize=7)
+            axis.set_xticklabels([f"{p['base_lr']:g}\n{p['weight_decay']:g}" for p in points], fontsize=7)
+            axis.set_xlabel("base lr / weight decay", fontsize=8)
+            axis.set_ylim(*limits)
             axis.set_title(f"{name}: {set_name}", fontsize=9)
             axis.grid(axis="y", alpha=0.3)
             if column == 0:
                 axis.set_ylabel("test top-1 (%)")
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels), frameon=False)
     figure.suptitle(f"linear probe per sweep point: {os.path.basename(str(report['target']))}", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     tmp = path + ".partial"
     figure.savefig(tmp, dpi=110, format="png")
     plt.close(figure)
