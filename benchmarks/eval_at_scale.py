@@ -35,15 +35,29 @@ def timed(fn):
     return value, time.perf_counter() - start
 
 
+def cpu_timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a shared machine the CPU time is the steadier figure."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--epochs", type=int, default=10, help="probe epochs for the sweep timings")
     parser.add_argument("--train-images", type=int, default=None, help="default: the config's eval.train_images")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions of each sweep timing")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice); 1 gives "
+                        "steadier figures on a machine shared with other work")
+    parser.add_argument("--work", default=None, help="working folder (default: a new temporary one); an earlier "
+                        "run's folder reuses its cache, so the extraction figures then show reuse")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="sslscale-eval-bench-")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = args.work or tempfile.mkdtemp(prefix="sslscale-eval-bench-")
+    os.makedirs(work, exist_ok=True)
     common = [f"run.root={work}", "eval.compare_random_init=false", f"eval.linear.epochs={args.epochs}",
               "eval.labels_per_class=[]", *([f"eval.train_images={args.train_images}"] if args.train_images else []),
               *args.overrides]
@@ -56,7 +70,8 @@ def main() -> None:
     quiet = open(os.devnull, "w")
     nothing = ["eval.linear.enabled=false", "eval.knn.enabled=false", "eval.rankme=false"]
     device = resolve_device(cfg.train.device)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, device {device}"
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
+          f"{torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"config: {args.config} ({shape}), data {cfg.data.source}, eval.batch_size {cfg.eval.batch_size}, "
           f"{cfg.data.num_workers} loader workers")
@@ -85,13 +100,14 @@ def main() -> None:
                 sweep = load_config(args.config, [*common, f"eval.linear.base_lrs={lrs}",
                                                   f"eval.linear.weight_decays={wds}", "eval.knn.enabled=false",
                                                   "eval.rankme=false", f"eval.cache.max_resident_gb={resident_gb}"])
-                times[points].append(timed(lambda: probe_features(train, test, ["trunk"], num_classes, sweep,
-                                                                  device))[1])
-        one, twelve = min(times[1]), min(times[12])
-        print(f"linear sweep, {args.epochs} epochs, batch {cfg.eval.linear.batch_size}, {mode} (fastest of "
-              f"{args.repeat}): 1 point {one:.2f} s, 12 points {twelve:.2f} s, ratio {twelve / one:.2f} (12 points "
-              f"one after the other: {12 * one:.1f} s); all runs: 1 point {[round(t, 2) for t in times[1]]}, "
-              f"12 points {[round(t, 2) for t in times[12]]}")
+                times[points].append(cpu_timed(lambda: probe_features(train, test, ["trunk"], num_classes, sweep,
+                                                                      device)))
+        for index, unit in ((0, "wall"), (1, "CPU")):
+            one, twelve = (min(t[index] for t in times[p]) for p in grids)
+            print(f"linear sweep, {args.epochs} epochs, batch {cfg.eval.linear.batch_size}, {mode}, {unit} time "
+                  f"(fastest of {args.repeat}): 1 point {one:.2f} s, 12 points {twelve:.2f} s, ratio "
+                  f"{twelve / one:.2f} (12 points one after the other: {12 * one:.1f} s); all runs: 1 point "
+                  f"{[round(t[index], 2) for t in times[1]]}, 12 points {[round(t[index], 2) for t in times[12]]}")
     knn_cfg = load_config(args.config, [*common, "eval.linear.enabled=false", "eval.rankme=false"])
     _, knn_s = timed(lambda: probe_features(train, test, ["trunk"], num_classes, knn_cfg, device))
     rankme_cfg = load_config(args.config, [*common, "eval.linear.enabled=false", "eval.knn.enabled=false"])

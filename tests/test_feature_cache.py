@@ -129,6 +129,8 @@ def test_two_rank_extraction_equals_one_rank(trained):
             assert a.shape == b.shape == (600 if split == "train" else 300, 64)
             # Up to fp16 rounding: one unit in the last place of an fp16 value.
             assert np.all(np.abs(a - b) <= np.maximum(np.abs(a), 2 ** -14) * 2 ** -10), (name, split)
+            print(f"{name} {split}: {np.count_nonzero(a != b)} of {a.size} values differ, by at most "
+                  f"{np.abs(a - b).max():.2g}")
             labels = [np.concatenate([np.load(f) for f in sorted(glob.glob(os.path.join(d, "features", name, split,
                                                                                      "block_*.labels.npy")))])
                       for d in (one, two)]

