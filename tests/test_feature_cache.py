@@ -180,3 +180,16 @@ def test_an_fsdp_checkpoint_is_evaluated_like_a_ddp_one(tmp_path):
     assert main(["knn", out, "--config", os.path.join(cfg.run_dir, "config.yaml")]) == 0
     assert np.array_equal(cached(str(tmp_path / "trunk_eval"), "train", "trunk_file"),
                           cached(os.path.join(cfg.run_dir, "eval"), "train"))
+
+
+def test_a_checkpoint_without_a_trunk_is_a_clear_error(trained):
+    from sslscale.checkpoint import Checkpointer
+    from sslscale.trunk_file import TrunkFileError
+    cfg, _ = trained
+    path = os.path.join(Checkpointer(cfg.run_dir, 2).path("step_000000002"), "state.pt")
+    state = torch.load(path, weights_only=False)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("encoder.")}
+    torch.save(state, path)
+    with pytest.raises(TrunkFileError, match="checkpoint step_000000002 of .* has no trunk"):
+        evaluate_run(cfg)
+    assert main(["export", cfg.run_dir, os.path.join(cfg.run_dir, "t.pt")]) == 2
