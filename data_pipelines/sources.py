@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import gzip
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ class ImageSource(abc.ABC):
         """The file image `index` is read from; None for images held in memory."""
         return None
 
+    def index_digest(self) -> str:
+        """A hash of which images, in which order, with which labels and class names: what a cache of
+        features of this source must match."""
+        digest = hashlib.sha256(self._index_bytes())
+        digest.update("\n".join(self.classes).encode())
+        digest.update(self.labels.numpy().tobytes())
+        return digest.hexdigest()
+
+    @abc.abstractmethod
+    def _index_bytes(self) -> bytes:
+        """What identifies the images themselves."""
+
 
 class ArraySource(ImageSource):
     """Images held in memory as one uint8 array [n, H, W] (grayscale) or [n, H, W, 3]."""
@@ -74,6 +87,9 @@ class ArraySource(ImageSource):
         self.images = torch.from_numpy(np.array(images, copy=True))  # writable, owned by the tensor
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.classes = classes
+
+    def _index_bytes(self) -> bytes:
+        return hashlib.sha256(self.images.numpy().tobytes()).digest()
 
     def load(self, index: int) -> torch.Tensor:
         image = self.images[index]
@@ -95,6 +111,10 @@ class FileSource(ImageSource):
     def path(self, index: int) -> str:
         return self.paths[index]
 
+    def _index_bytes(self) -> bytes:
+        # Class folder and file name, not the root: the same data set mounted elsewhere is the same index.
+        return "\n".join(os.path.join(*p.split(os.sep)[-2:]) for p in self.paths).encode()
+
     def load(self, index: int) -> torch.Tensor:
         path = self.paths[index]
         try:
@@ -115,6 +135,9 @@ class Subset(ImageSource):
 
     def load(self, index: int) -> torch.Tensor:
         return self.source.load(int(self.indices[index]))
+
+    def _index_bytes(self) -> bytes:
+        return self.source.index_digest().encode() + self.indices.numpy().astype("int64").tobytes()
 
     def path(self, index: int) -> str | None:
         return self.source.path(int(self.indices[index]))

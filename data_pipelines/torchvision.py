@@ -130,4 +130,4 @@ class EvalDataset(Dataset):
 def eval_loader(source: ImageSource, data_cfg, batch_size: int) -> DataLoader:
     transform = eval_transform(data_cfg.eval_resize, data_cfg.eval_crop, data_cfg.augment)
     return DataLoader(EvalDataset(source, transform), batch_size=batch_size, shuffle=False,
-                      num_workers=data_cfg.num_workers)
+                      num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available())

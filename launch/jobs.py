@@ -7,7 +7,7 @@ to stop at the next step boundary, save one complete checkpoint and raise Stoppe
 SIGUSR2, rank 0 hands the signal on to submitit's handler (restored when training returns), which
 asks this job's `checkpoint()` for the submission to requeue and runs `scontrol requeue` (or, under
 the local executor, exits with its requeue status). The requeued job reruns `__call__`, which resumes
-the run folder from its newest checkpoint. After SIGTERM alone the job saves and fails, as submitit
+the run folder from its newest checkpoint (an evaluation job: reuses the finished feature-cache blocks). After SIGTERM alone the job saves and fails, as submitit
 itself treats SIGTERM: a cancelled job must not requeue itself.
 """
 from __future__ import annotations
@@ -90,15 +90,36 @@ class PretrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self)
 
 
-class EvalJob:
-    """`sslscale linear-eval` of a run folder's newest checkpoint, with eval overrides."""
+class EvalJob(submitit.helpers.Checkpointable):
+    """`sslscale linear-eval` of a run folder's newest checkpoint, with eval overrides: feature extraction on
+    every task (one per GPU), then the probes on task 0. Requeued on time limits and pre-emption like
+    pretraining; the requeued job reuses every finished block of the feature cache."""
 
     def __init__(self, run_dir: str, overrides: list[str]):
         self.run_dir, self.overrides = run_dir, list(overrides)
 
-    def __call__(self) -> dict:
-        from sslscale.cli import main
-        status = main(["linear-eval", self.run_dir, *self.overrides])
-        if status != 0:
-            raise RuntimeError(f"linear-eval of {self.run_dir} exited with status {status}")
+    def __call__(self) -> dict | str | None:
+        from sslscale.config import load_config
+        from sslscale.eval.run import evaluate
+        from sslscale.train import StoppedForRequeue
+        env = submitit.JobEnvironment()
+        export_rank_variables(env)
+        cfg = load_config(os.path.join(self.run_dir, "config.yaml"), self.overrides)
+        print(f"job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}: evaluating "
+              f"{self.run_dir} (restart {os.environ.get('SLURM_RESTART_COUNT', '0')})", flush=True)
+        try:
+            report = evaluate(cfg)
+        except StoppedForRequeue as stop:
+            if signal.SIGTERM in stop.signals and signal.SIGUSR2 not in stop.signals:
+                print(f"{stop}; not requeueing on SIGTERM alone", flush=True)
+                raise
+            print(f"{stop}; requeueing", flush=True)
+            if env.global_rank == 0:
+                hand_over_to_submitit()
+            return "stopped for requeue"
+        if report is None:
+            return None  # tasks other than 0 only extract
         return {"run_dir": self.run_dir, "results": os.path.join(self.run_dir, "eval", "linear.json")}
+
+    def checkpoint(self, *args, **kwargs):
+        return submitit.helpers.DelayedSubmission(self)

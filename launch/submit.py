@@ -2,7 +2,7 @@
 
     python launch/submit.py CONFIG [key=value ...] [--nodes N] [--gpus-per-node G] [--partition P] ...
     python launch/submit.py CONFIG --sweep objective.dissl.n_classes=2048,16384    # a job array
-    python launch/submit.py --eval RUN_DIR [eval.key=value ...]                      # the linear probe
+    python launch/submit.py --eval RUN_DIR [eval.key=value ...]                      # extraction + probes
 
 Pretraining: the resolved config is saved in the run folder before submission; the job (one task
 per GPU) trains from it and is requeued on time limits and pre-emption (see launch/jobs.py).
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch/submit.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", help="YAML recipe (pretraining); omit with --eval")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=10")
-    parser.add_argument("--eval", metavar="RUN_DIR", help="submit the linear probe of this run folder instead")
+    parser.add_argument("--eval", metavar="RUN_DIR", help="submit the evaluation of this run folder instead: feature "
+                        "extraction on slurm.eval_gpus GPUs, then the probes")
     parser.add_argument("--then-eval", action="store_true", help="also submit the probe, to start after pretraining")
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                         help="one run per value (repeat for a grid), submitted as one job array")
@@ -197,7 +198,7 @@ def wait_for(jobs: list) -> int:
     status = 0
     for job in jobs:
         try:
-            print(f"job {job.job_id} finished: {job.result()}")
+            print(f"job {job.job_id} finished: {job.results()[0]}")  # task 0's result (any number of tasks)
         except Exception as error:  # noqa: BLE001  report every job, then fail
             print(f"job {job.job_id} failed: {error}", file=sys.stderr)
             status = 1
@@ -247,8 +248,8 @@ def submit_probe(cfg: Config, overrides: list[str], depends_on: str | None = Non
     s = cfg.slurm
     check_cluster(cfg, s.eval_gpus, 1)
     dependency = f"afterok:{depends_on}" if depends_on and s.cluster == "slurm" else None
-    shape = dict(name=f"{cfg.run.name}-eval", gpus=s.eval_gpus, tasks=1, nodes=1, time_min=s.eval_time_min,
-                 dependency=dependency)
+    shape = dict(name=f"{cfg.run.name}-eval", gpus=s.eval_gpus, tasks=s.eval_task_count, nodes=1,
+                 time_min=s.eval_time_min, dependency=dependency)
     if dry_run:
         print(job_script(cfg, submitit_folder(cfg.run_dir), **shape))
         print(f"# {cfg.run_dir}/config.yaml (eval section used)\n{config_text(cfg)}")
@@ -256,7 +257,8 @@ def submit_probe(cfg: Config, overrides: list[str], depends_on: str | None = Non
     executor = make_executor(cfg, submitit_folder(cfg.run_dir), **shape)
     job = executor.submit(EvalJob(cfg.run_dir, overrides))
     after = f", after job {depends_on} succeeds" if dependency else ""
-    report([job], [cfg.run_dir], f"linear-probe{after}")
+    report([job], [cfg.run_dir], f"evaluation{after}")
+    print(f"  {s.eval_task_count} task(s) extract features into {cfg.run_dir}/eval/features; task 0 then probes")
     return job
 
 
@@ -266,9 +268,9 @@ def submit_eval(args) -> int:
     if not os.path.exists(saved):
         raise ConfigError([f"--eval {args.eval}: not a run folder (no config.yaml)"])
     overrides = [*([args.config] if args.config else []), *args.overrides]  # positional slots hold overrides here
-    bad = [o for o in overrides if not o.startswith("eval.")]
+    bad = [o for o in overrides if not o.startswith(("eval.", "slurm."))]
     if bad:
-        raise ConfigError([f"--eval takes only eval.* overrides, got {', '.join(bad)}"])
+        raise ConfigError([f"--eval takes only eval.* and slurm.* overrides, got {', '.join(bad)}"])
     cfg = load_config(saved, [*overrides, *flag_overrides(args)])
     depends_on = None
     job_file = os.path.join(submitit_folder(run_dir), PRETRAIN_JOB_FILE)

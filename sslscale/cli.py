@@ -1,4 +1,4 @@
-"""`sslscale pretrain | plan | bench | linear-eval | export | prepare-data | preview`.
+"""`sslscale pretrain | plan | bench | linear-eval | knn | export | prepare-data | preview`.
 
 Errors a user can fix (bad config, missing data, mismatched checkpoint) print one clear message and
 exit with status 2; a run stopped by SIGTERM / SIGUSR2 exits with EXIT_STOPPED_FOR_REQUEUE after
@@ -25,7 +25,7 @@ def pretrain_then_probe(cfg) -> None:
     from sslscale.train import pretrain
     pretrain(cfg)
     if cfg.eval.after_pretrain and read_env().is_main:
-        evaluate_run(cfg)
+        evaluate_run(cfg, single_process=True)
 
 
 def _pretrain(args) -> int:
@@ -86,27 +86,50 @@ def _run_config(run_dir: str, overrides: list[str]):
     return load_config(path, overrides)
 
 
-def _linear_eval(args) -> int:
-    from sslscale.eval.run import evaluate_run
-    evaluate_run(_run_config(args.run_dir, args.overrides))
+def _evaluate(args, output: str, extra: list[str]) -> int:
+    """A run folder (its config and newest checkpoint) or a trunk file (with --config for data and eval)."""
+    from sslscale.config import ConfigError, load_config
+    from sslscale.eval.run import evaluate
+    overrides = [*args.overrides, *extra]
+    if os.path.isfile(args.target):
+        if args.config is None:
+            raise ConfigError([f"{args.target} is a trunk file: give --config CONFIG for the data and eval settings "
+                               "(e.g. configs/quickstart.yaml); the trunk's shape comes from the file"])
+        cfg = load_config(args.config, overrides)
+        out = args.out or os.path.splitext(args.target)[0] + "_eval"
+        evaluate(cfg, trunk_file=args.target, eval_dir=out, output=output)
+        return 0
+    if args.config is not None:
+        raise ConfigError([f"--config is for trunk files; {args.target} is evaluated with its own config.yaml"])
+    evaluate(_run_config(args.target, overrides), eval_dir=args.out, output=output)
     return 0
 
 
-def _export(args) -> int:
-    import torch
+def _linear_eval(args) -> int:
+    return _evaluate(args, "linear.json", [])
 
+
+def _knn(args) -> int:
+    return _evaluate(args, "knn.json", ["eval.linear.enabled=false", "eval.knn.enabled=true"])
+
+
+def _export(args) -> int:
     from sslscale.checkpoint import Checkpointer, trunk_state
     from sslscale.config import ConfigError
+    from sslscale.trunk_file import TrunkFileError, save_trunk_file
     cfg = _run_config(args.run_dir, [])
     restored = Checkpointer(cfg.run_dir, cfg.checkpoint.keep).load_latest(model_only=True)
     if restored is None:
         raise ConfigError([f"run folder {args.run_dir} has no complete checkpoint to export"])
     state, name = restored
     trunk = trunk_state(state["model"])
-    tmp = f"{args.output}.tmp"
-    torch.save(trunk, tmp)
-    os.replace(tmp, args.output)
-    print(f"wrote {args.output}: trunk of {name} ({len(trunk)} tensors, torchvision key names, no heads)")
+    if not trunk:
+        raise TrunkFileError(f"checkpoint {name} of {args.run_dir} has no trunk (no encoder.* entries)")
+    shape = {k: getattr(cfg.model, k) for k in ("backbone", "width", "dim", "small_image_stem")}
+    save_trunk_file(trunk, args.output, shape, {"run": cfg.run.name, "objective": cfg.objective.name,
+                                                 "checkpoint": name, "step": state["progress"]["step"]})
+    print(f"wrote {args.output}: trunk of {name} ({len(trunk)} tensors, the published layout: torchvision key names, "
+          f"no fc, no heads; shape {shape} recorded as metadata)")
     return 0
 
 
@@ -170,12 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines only, no table")
     p.set_defaults(func=_bench)
 
-    p = commands.add_parser("linear-eval", help="linear probe (and kNN) of a run's newest checkpoint")
-    p.add_argument("run_dir", help="run folder, e.g. checkpoints/quickstart")
-    p.add_argument("overrides", nargs="*", help="key=value for the eval section, e.g. eval.linear.epochs=50")
-    p.set_defaults(func=_linear_eval)
+    for name, func, what in (("linear-eval", _linear_eval, "linear probes, kNN and RankMe"),
+                             ("knn", _knn, "kNN (and RankMe) alone")):
+        p = commands.add_parser(name, help=f"{what} of a run's newest checkpoint or of a trunk file, from a "
+                                "feature cache extracted on every rank")
+        p.add_argument("target", help="run folder (e.g. checkpoints/quickstart) or trunk file (from `sslscale export` "
+                       "or published)")
+        p.add_argument("overrides", nargs="*", help="key=value, e.g. eval.linear.epochs=50")
+        p.add_argument("--config", default=None, help="for a trunk file: the recipe giving data and eval settings")
+        p.add_argument("--out", default=None, help="evaluation folder (default: RUN/eval, or FILE_eval/ beside a "
+                       "trunk file)")
+        p.set_defaults(func=func)
 
-    p = commands.add_parser("export", help="write the trunk of a run's newest checkpoint as one file")
+    p = commands.add_parser("export", help="write the trunk of a run's newest checkpoint as one file (published "
+                            "layout, shape recorded)")
     p.add_argument("run_dir")
     p.add_argument("output", help="e.g. resnet50_dissl.pt")
     p.set_defaults(func=_export)
@@ -201,11 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from sslscale.config import ConfigError
     from sslscale.train import EXIT_STOPPED_FOR_REQUEUE, StoppedForRequeue, TooManyNonFiniteLosses
+    from sslscale.trunk_file import TrunkFileError
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow an option (`sslscale knn FILE --config C eval.x=1`).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ConfigError, CheckpointMismatch, DistributedSetupError, FileNotFoundError, FileExistsError) as error:
+    except (ConfigError, CheckpointMismatch, DistributedSetupError, FileNotFoundError, FileExistsError,
+            TrunkFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except StoppedForRequeue as stop:

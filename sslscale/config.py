@@ -170,6 +170,10 @@ class TrainConfig:
     # signal is acted on, and a non-finite streak noticed, within this many steps. Skipping a non-finite
     # step needs no host read at all: it is decided on the device, every step.
     check_every_steps: int = 10
+    # RankMe of the trunk features of the last `rankme_rows` images (all ranks), every this many steps
+    # (label_free/rankme in TensorBoard); null: never.
+    rankme_every_steps: int | None = 1000
+    rankme_rows: int = 4096
 
 
 @dataclass
@@ -205,7 +209,8 @@ class SlurmConfig:
     signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: enough for one step and a checkpoint
     max_num_timeout: int = 30  # requeues after time limits (pre-emptions do not count)
     max_crash_retries: int = 2  # requeues after a crash (non-zero exit without a signal), then the job fails
-    eval_gpus: int = 1  # the linear-probe job
+    eval_gpus: int = 1  # the evaluation job: extraction on every GPU, then the probes
+    eval_tasks: int | None = None  # tasks of the evaluation job; None: one per eval GPU (one without GPUs)
     eval_time_min: int = 240
     # Run every task inside a container image (docs/containers.md). pyxis: an image reference
     # (registry#name:tag) or a squashfs file (.sqsh); apptainer: a .sif file. None: no container.
@@ -219,33 +224,60 @@ class SlurmConfig:
     def tasks(self) -> int:
         return self.tasks_per_node or max(self.gpus_per_node, 1)
 
+    @property
+    def eval_task_count(self) -> int:
+        return self.eval_tasks or max(self.eval_gpus, 1)
+
+
+PROBE_NORMS = ("standardize", "batchnorm", "none")
+
 
 @dataclass
 class LinearProbeConfig:
+    enabled: bool = True
     epochs: int = 100
     batch_size: int = 512
     base_lrs: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # lr = base * batch / 256
     weight_decays: list[float] = field(default_factory=lambda: [0.0, 1e-5])
     val_fraction: float = 0.1  # carved from train to choose the sweep point
+    # What the heads see: standardize (train-split mean / std, an affine map: still linear in z),
+    # batchnorm (BatchNorm1d(affine=False) before the heads, the authors' probe), none (raw features).
+    norm: str = "standardize"
 
 
 @dataclass
 class KnnConfig:
     enabled: bool = True
-    k: int = 20
+    k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # all from one similarity pass
     temperature: float = 0.07
+
+
+@dataclass
+class FeatureCacheConfig:
+    block_rows: int = 65536  # rows per cache file: the unit of work a rank extracts (and a requeue redoes)
+    # The train features are loaded onto the probe's device when their fp16 size is below this; above it,
+    # batches are read from the memory-mapped cache (host memory then stays at one chunk).
+    max_resident_gb: float = 32.0
+    chunk_rows: int = 65536  # rows per chunk when streaming the cache (kNN bank, statistics, RankMe)
 
 
 @dataclass
 class EvalConfig:
     after_pretrain: bool = False  # probe in the same process when pretraining ends
-    batch_size: int = 256  # feature extraction
+    batch_size: int = 256  # feature extraction, per rank
     recompute_bn_stats: bool = True  # BatchNorm statistics of clean images before extracting
     compare_random_init: bool = True  # probe a randomly initialised trunk of the same shape too
     labels_per_class: list[int] = field(default_factory=list)  # extra probes on few labels per class
     train_images: int | None = None  # probe on a seeded subset of the train split (None: all of it)
+    # Other layers to probe next to the trunk output: module paths inside the saved model. Paths under
+    # `encoder.` are read during the trunk's forward (spatial maps are average-pooled); any other path
+    # names a module inside a head, and the head (its first two path parts, e.g. objective.teacher_head)
+    # is run on the trunk output to reach it. Run folders only: an exported trunk has no heads.
+    layers: list[str] = field(default_factory=list)
+    rankme: bool = True  # RankMe of the cached train features of every probed layer
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
+    cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
 
 
 @dataclass
@@ -509,22 +541,45 @@ def validate(c: Config) -> list[str]:
     e += _positive("dist.timeout_s", c.dist.timeout_s)
     e += _positive("checkpoint.every_steps", c.checkpoint.every_steps)
     e += _positive("checkpoint.keep", c.checkpoint.keep)
-    e += _positive("eval.batch_size", c.eval.batch_size)
-    e += [f"eval.labels_per_class: {n} must be > 0" for n in c.eval.labels_per_class if n <= 0]
-    if c.eval.train_images is not None:
-        e += _positive("eval.train_images", c.eval.train_images)
-    e += _positive("eval.linear.epochs", c.eval.linear.epochs)
-    e += _positive("eval.linear.batch_size", c.eval.linear.batch_size)
-    if not c.eval.linear.base_lrs or not c.eval.linear.weight_decays:
-        e.append("eval.linear: base_lrs and weight_decays each need at least one value")
-    e += [f"eval.linear.base_lrs: {v} must be > 0" for v in c.eval.linear.base_lrs if v <= 0]
-    if not 0 < c.eval.linear.val_fraction < 1:
-        e.append(f"eval.linear.val_fraction: {c.eval.linear.val_fraction}; valid range is (0, 1)")
-    e += _positive("eval.knn.k", c.eval.knn.k)
-    e += _positive("eval.knn.temperature", c.eval.knn.temperature)
+    if c.train.rankme_every_steps is not None:
+        e += _positive("train.rankme_every_steps", c.train.rankme_every_steps)
+    e += _positive("train.rankme_rows", c.train.rankme_rows)
+    e += _validate_eval(c.eval)
     e += _validate_slurm(c.slurm)
     if not c.run.name or "/" in c.run.name:
         e.append(f"run.name: {c.run.name!r}; give a non-empty name without '/'")
+    return e
+
+
+def _validate_eval(v: EvalConfig) -> list[str]:
+    e = _positive("eval.batch_size", v.batch_size)
+    e += [f"eval.labels_per_class: {n} must be > 0" for n in v.labels_per_class if n <= 0]
+    if len(set(v.labels_per_class)) != len(v.labels_per_class):
+        e.append(f"eval.labels_per_class: {v.labels_per_class} names a budget twice")
+    if v.train_images is not None:
+        e += _positive("eval.train_images", v.train_images)
+    for path in v.layers:
+        parts = path.split(".")
+        if not all(parts) or (parts[0] != "encoder" and len(parts) < 3):
+            e.append(f"eval.layers: {path!r} is not a module path inside a head or the encoder; e.g. "
+                     "objective.teacher_head.0 (a module inside the head objective.teacher_head) or encoder.layer3")
+    if len(set(v.layers)) != len(v.layers) or "trunk" in v.layers:
+        e.append(f"eval.layers: {v.layers}: each path once, and not 'trunk' (the trunk output is always probed)")
+    e += _positive("eval.linear.epochs", v.linear.epochs)
+    e += _positive("eval.linear.batch_size", v.linear.batch_size)
+    if not v.linear.base_lrs or not v.linear.weight_decays:
+        e.append("eval.linear: base_lrs and weight_decays each need at least one value")
+    e += [f"eval.linear.base_lrs: {x} must be > 0" for x in v.linear.base_lrs if x <= 0]
+    e += [f"eval.linear.weight_decays: {x} must be >= 0" for x in v.linear.weight_decays if x < 0]
+    if not 0 < v.linear.val_fraction < 1:
+        e.append(f"eval.linear.val_fraction: {v.linear.val_fraction}; valid range is (0, 1)")
+    e += _choice("eval.linear.norm", v.linear.norm, PROBE_NORMS)
+    if not v.knn.k:
+        e.append("eval.knn.k: give at least one k, e.g. [10, 20, 100, 200]")
+    e += [f"eval.knn.k: {k} must be > 0" for k in v.knn.k if k <= 0]
+    e += _positive("eval.knn.temperature", v.knn.temperature)
+    for key in ("block_rows", "chunk_rows", "max_resident_gb"):
+        e += _positive(f"eval.cache.{key}", getattr(v.cache, key))
     return e
 
 
@@ -532,7 +587,7 @@ def _validate_slurm(s: SlurmConfig) -> list[str]:
     e = _choice("slurm.cluster", s.cluster, CLUSTERS)
     for key in ("nodes", "cpus_per_task", "time_min", "eval_time_min"):
         e += _positive(f"slurm.{key}", getattr(s, key))
-    for key in ("tasks_per_node", "mem_gb"):
+    for key in ("tasks_per_node", "mem_gb", "eval_tasks"):
         if getattr(s, key) is not None:
             e += _positive(f"slurm.{key}", getattr(s, key))
     for key in ("gpus_per_node", "eval_gpus", "signal_delay_s", "max_num_timeout", "max_crash_retries"):

@@ -112,6 +112,16 @@ class Monitor:
             read.update(zip(tensors, step_checks.host_values(stacked)))
         return {k: read[k] for k in values}
 
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """One more scalar in TensorBoard (rank 0 only)."""
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def say(self, line: str) -> None:
+        """One console line (rank 0 only)."""
+        if self.enabled:
+            print(line, file=self.stream, flush=True)
+
     def image(self, tag: str, image, step: int) -> None:
         """A uint8 [3, H, W] image in TensorBoard (rank 0 only)."""
         if self.writer is not None:

@@ -36,6 +36,7 @@ from sslscale.plan import format_plan, make_plan
 from sslscale import step_checks
 from sslscale.step_checks import NonFiniteSteps, RankAgreement
 from sslscale.parallel import is_sharded, prepare_batchnorm, weight_layout, wrap_for_training
+from sslscale.rankme_tracker import rankme_tracker
 
 # Exit status of a run that stopped on SIGTERM / SIGUSR2 after saving a checkpoint: the launcher
 # requeues on it and treats any other non-zero status as a failure (75 is EX_TEMPFAIL).
@@ -393,6 +394,7 @@ class Trainer:
         self.monitor.start(progress.step)
         first_step = self.last_check_step = progress.step
         self.reported_nonfinite = progress.nonfinite.state_dict()["nonfinite_total"]
+        rankme = rankme_tracker(cfg, self.core.encoder, self.env.world_size, first_step)
         try:
             with StopSignal() as stop:
                 waited_since = time.perf_counter()
@@ -411,6 +413,7 @@ class Trainer:
                     self.monitor.record(step, {"loss": loss, **logs}, lr=lr, data_seconds=data_seconds,
                                         gauges={"health/nonfinite_total": progress.nonfinite.counts[1],
                                                 "health/unreadable_total": progress.unreadable_total})
+                    rankme.after_step(progress.step, self.monitor)
                     self.checkpointer.finish_pending(wait=False)
                     last = progress.step == self.end_step
                     if progress.step % cfg.train.check_every_steps == 0 or last:

@@ -304,3 +304,23 @@ def test_a_sweep_makes_one_run_folder_per_point(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"# {tmp_path}/tiny-n_classes=16/config.yaml" in out and f"# {tmp_path}/tiny-n_classes=32/config.yaml" in out
     assert "n_classes: 32" in out
+
+
+def test_an_evaluation_job_extracts_on_every_task_then_probes(tmp_path):
+    """The evaluation as a 2-task job on the local executor: both tasks extract their share of the feature
+    blocks, task 0 probes; a second job reuses the whole cache."""
+    from sslscale.config import load_config
+    from sslscale.train import pretrain
+    cfg = load_config(None, tiny_overrides(tmp_path, "train.max_steps=2"))
+    pretrain(cfg)
+    probe = ["eval.train_images=600", "eval.cache.block_rows=128", "eval.linear.epochs=2",
+             "eval.compare_random_init=false", "slurm.eval_tasks=2", "slurm.eval_gpus=0", "slurm.cpus_per_task=1"]
+    status, out, err = submit("--eval", str(tmp_path / "tiny"), *probe, "--cluster", "local", "--wait")
+    assert status == 0, err[-3000:]
+    (job_id,) = job_ids(out)
+    log = job_log(tmp_path / "tiny", job_id)
+    assert "task 0/2" in log and "extracting 8 of 8 blocks on 2 rank(s)" in log, log[-3000:]
+    assert "task 1/2" in job_log(tmp_path / "tiny", job_id, task=1)
+    assert os.path.exists(tmp_path / "tiny" / "eval" / "linear.json")
+    status, out, err = submit("--eval", str(tmp_path / "tiny"), *probe, "--cluster", "local", "--wait")
+    assert status == 0 and "reusing all 8 blocks" in job_log(tmp_path / "tiny", job_ids(out)[0]), err[-3000:]
