@@ -1,14 +1,15 @@
 """The paper's Table-1 comparison on real small data: DINO vs DISSL and SimCLR vs CISSL, pretrained on
 Fashion-MNIST with the same budget per run, probed next to the randomly initialised trunk.
 
-    python benchmarks/table1_study.py                          # 3 seeds, about 25 CPU-minutes per seed
+    python benchmarks/table1_study.py                          # 3 seeds, about half an hour per seed on 2 cores
     python benchmarks/table1_study.py --seeds 0 1 2 3 4 --out docs
 
 Each run is `sslscale pretrain configs/fashion_mnist_<objective>.yaml run.seed=S` in its own process: the
 same trunk (the quickstart's), data, crops and number of training images (one epoch of the 60,000 train
 images, two 28-px crops each), then the quickstart's probes (linear on 20,000 labelled train images, linear
 on 10 labels per class, kNN). For a seed every objective starts from the same random trunk, which is probed
-once. Writes table1_fashion_mnist.md (mean and standard deviation over seeds), .png (bar plot) and .json
+once; RankMe of the train features is shown too, a label-free measure. Writes table1_fashion_mnist.md (mean
+and standard deviation over seeds), .png (bar plot) and .json
 (every run) to --out, with the commit and the machine they came from.
 """
 from __future__ import annotations
@@ -26,12 +27,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Pairs as the paper compares them: each baseline next to the objective that replaces it.
 OBJECTIVES = ("dino", "dissl", "simclr", "cissl")
 LABELS = {"dino": "DINO", "dissl": "DISSL", "simclr": "SimCLR", "cissl": "CISSL"}
-PROBES = {"linear": "linear, all labels", "linear_10_per_class": "linear, 10 labels per class", "knn": "kNN (k = 20)"}
+PROBES = {"linear": "linear, all labels", "linear_10_per_class": "linear, 10 labels per class", "knn": "kNN (k = 20)",
+          "rankme": "RankMe (no labels)"}
 
 
-def test_top1(result: dict) -> float:
-    """Final-epoch test top-1 of a probe (the sweep point chosen on validation, for linear probes)."""
-    return (result["best"]["test"] if "best" in result else result["test"])["top1"]
+def score(probe: str, result: dict) -> float:
+    """Test top-1 of a probe (final epoch, the sweep point chosen on validation, for linear probes; k = 20 for
+    kNN), or the RankMe of the train features."""
+    if probe == "rankme":
+        return result["value"]
+    if probe == "knn":
+        return result["by_k"]["20"]["top1"]
+    return result["best"]["test"]["top1"]
 
 
 def run(objective: str, seed: int, root: str, with_random_init: bool) -> dict:
@@ -46,10 +53,10 @@ def run(objective: str, seed: int, root: str, with_random_init: bool) -> dict:
         raise RuntimeError(f"{objective} seed {seed} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     with open(os.path.join(root, f"{objective}_seed{seed}", "eval", "linear.json")) as f:
         report = json.load(f)
-    probe_seconds = report["seconds"]
+    probe_seconds = report["seconds"]["total"]
     return {"objective": objective, "seed": seed, "seconds_total": round(seconds, 1),
             "seconds_pretrain": round(seconds - probe_seconds, 1), "seconds_probe": probe_seconds,
-            "results": {trunk: {probe: test_top1(r) for probe, r in probes.items()}
+            "results": {trunk: {probe: score(probe, probes[probe]) for probe in PROBES}
                         for trunk, probes in report["results"].items()},
             "label_free_last": report["label_free"]["last"]}
 
@@ -80,8 +87,8 @@ def provenance() -> str:
 
 
 def markdown(rows: dict, seeds: list[int], where: str) -> str:
-    lines = [f"Fashion-MNIST test top-1 (%), mean ± standard deviation over seeds {', '.join(map(str, seeds))}; "
-             f"{where}.", "",
+    lines = [f"Fashion-MNIST test top-1 (%) and RankMe, mean ± standard deviation over seeds "
+             f"{', '.join(map(str, seeds))}; {where}.", "",
              "| trunk | " + " | ".join(PROBES.values()) + " | pretraining minutes |",
              "|---" * (len(PROBES) + 2) + "|"]
     for name, row in rows.items():
@@ -98,7 +105,7 @@ def bar_plot(rows: dict, seeds: list[int], where: str, path: str) -> None:
     names = list(rows)
     colours = {"DINO": "#9ecae1", "DISSL": "#08519c", "SimCLR": "#fdae6b", "CISSL": "#d94801",
                "random init": "#bdbdbd"}
-    fig, axes = plt.subplots(1, len(PROBES), figsize=(12, 3.8))
+    fig, axes = plt.subplots(1, len(PROBES), figsize=(15, 3.8))
     for ax, (probe, title) in zip(axes, PROBES.items()):
         means = [rows[n][probe][0] for n in names]
         stds = [rows[n][probe][1] for n in names]
@@ -107,7 +114,7 @@ def bar_plot(rows: dict, seeds: list[int], where: str, path: str) -> None:
         low = min(m - s for m, s in zip(means, stds))
         ax.set_ylim(max(0, low - 5), max(m + s for m, s in zip(means, stds)) + 2)
         ax.set_title(title)
-        ax.set_ylabel("test top-1 (%)")
+        ax.set_ylabel("effective rank" if probe == "rankme" else "test top-1 (%)")
     fig.suptitle(f"Fashion-MNIST, one epoch of pretraining each, seeds {', '.join(map(str, seeds))} "
                  f"(mean ± std); {where}", fontsize=9)
     fig.tight_layout()

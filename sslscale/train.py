@@ -429,6 +429,7 @@ class Trainer:
                               f"({str(error).strip().splitlines()[0][:300]}). {self.peers.diagnose()}") from error
         finally:
             self.monitor.close()
+            rankme.close()
             if self.peers is not None:
                 self.peers.close()
         if self.env.is_distributed:
