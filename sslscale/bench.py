@@ -133,6 +133,7 @@ def measure(trainer: Trainer, name: str, batches, steps: int, warmup: int, train
         "peak_memory_bytes": peak_memory_bytes(device),
         "host_seconds_per_step": {p: phases.seconds[p] / steps for p in PHASES if p in phases.seconds},
         "host_syncs_per_step": None if syncs[0] is None else syncs[0] / steps,
+        "nonfinite_steps": trainer.progress.nonfinite.state_dict()["nonfinite_total"] if train else None,
     }
 
 
@@ -179,16 +180,18 @@ def format_table(results: list[dict]) -> str:
 
     rows = [r for r in results if r["measurement"] in MEASUREMENTS]
     first = rows[0]
-    lines = [f"bench on {first['device']}, {first['precision']}, {first['world_size']} process(es) x batch "
-             f"{first['batch_per_rank']}, {first['crops_per_image']} crops per image, {first['steps']} timed steps",
-             f"{'measurement':<12}{'img/s':>9}{'crops/s':>10}{'ms/step':>9}{'MFU':>7}{'peak mem':>10}"
+    precisions = ", ".join(sorted({r["precision"] for r in rows}))
+    batches = ", ".join(str(b) for b in sorted({r["batch_per_rank"] for r in rows}))
+    lines = [f"bench on {first['device']}, {precisions}, {first['world_size']} process(es) x batch {batches}, "
+             f"{first['crops_per_image']} crops per image, {first['steps']} timed steps",
+             f"{'measurement':<16}{'img/s':>9}{'crops/s':>10}{'ms/step':>9}{'MFU':>7}{'peak mem':>10}"
              f"{'syncs':>7}  host ms per step ({', '.join(PHASES)})"]
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         syncs = f"{r['host_syncs_per_step']:.1f}" if r["host_syncs_per_step"] is not None else "-"
         host = " / ".join(ms(r["host_seconds_per_step"][p]) if p in r["host_seconds_per_step"] else "-"
                           for p in PHASES)
-        lines.append(f"{r['measurement']:<12}{r['images_per_s']:>9.1f}{r['crops_per_s']:>10.1f}"
+        lines.append(f"{r.get('label', r['measurement']):<16}{r['images_per_s']:>9.1f}{r['crops_per_s']:>10.1f}"
                      f"{ms(r['seconds_per_step']):>9}{mfu:>7}{r['peak_memory_bytes'] / 2**30:>8.2f}GB{syncs:>7}  {host}")
     summary = [r for r in results if r["measurement"] == "summary"]
     if summary:

@@ -164,6 +164,10 @@ class TrainConfig:
     # torch.compile the trunk (one graph per crop resolution; the first steps take minutes to compile, on a
     # CPU too). Checkpoints and results are the same as without.
     compile: bool = False
+    # Deterministic GPU kernels (cuDNN's deterministic algorithms, no autotuning, PyTorch's deterministic mode
+    # with a warning for any op that has none): a resumed run then ends bitwise where an uninterrupted one
+    # does on a GPU too, at some speed. CPU runs are deterministic either way.
+    deterministic: bool = False
     log_every_steps: int = 50
     max_nonfinite_steps: int = 20  # abort after this many non-finite losses in a row
     # The host reads the device's flags (non-finite steps, stop requests of signals) every this many steps: a

@@ -226,8 +226,12 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
         if x.dim() < 2:
             raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
 
+    def spans_ranks(self) -> bool:
+        """Whether training statistics need the other ranks (one process needs nothing but BatchNorm)."""
+        return dist.is_initialized() and dist.get_world_size() > 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and self.spans_ranks()):
             return super().forward(x)
         from torch.distributed._functional_collectives import all_gather_tensor_autograd
         dims = [0] + list(range(2, x.dim()))

@@ -48,24 +48,26 @@ def has_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class NonFiniteSteps:
-    """Steps whose loss (or, under fp16 loss scaling, whose gradients) were not finite on some rank. Their
-    updates are skipped on every rank; the counts live on the device: [in a row now, in all, the most in a
-    row since the host last read them]."""
+    """Steps whose loss was not finite on some rank. Their updates are skipped on every rank; the counts live
+    on the device: [in a row now, in all, the most in a row since the host last read them]."""
 
     def __init__(self, device: torch.device):
         self.counts = torch.zeros(3, device=device)
 
-    def skip_flag(self, agree: RankAgreement, loss: torch.Tensor, grads: list[torch.Tensor] | None = None
-                  ) -> torch.Tensor:
-        """1.0 (skip this step's update) or 0.0, the same on every rank, never read on the host."""
-        local = (~torch.isfinite(loss.detach())).float()
+    def skip_flags(self, agree: RankAgreement, loss: torch.Tensor, grads: list[torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(skip this step's update, the loss was not finite): 1.0 or 0.0 each, the same on every rank (one
+        all-reduce), never read on the host. `grads`: under fp16 loss scaling, an overflow in them also skips
+        the update; that is the loss scaler's normal calibration, not counted as a non-finite step."""
+        flags = [(~torch.isfinite(loss.detach())).float()]
         if grads:
-            local = torch.maximum(local, has_nonfinite(grads))
-        return agree.any_on_device(local)
+            flags.append(has_nonfinite(grads))
+        flags = agree.any_on_device(torch.stack(flags))
+        return flags.max(), flags[0]
 
-    def record(self, skip: torch.Tensor) -> None:
-        in_row = (self.counts[0] + 1) * skip
-        self.counts = torch.stack([in_row, self.counts[1] + skip, torch.maximum(self.counts[2], in_row)])
+    def record(self, nonfinite: torch.Tensor) -> None:
+        in_row = (self.counts[0] + 1) * nonfinite
+        self.counts = torch.stack([in_row, self.counts[1] + nonfinite, torch.maximum(self.counts[2], in_row)])
 
     def since_last_read(self, values: list[float]) -> tuple[int, int, int]:
         """(in a row now, in all, most in a row since the last read) from the host copy of `counts`, and

@@ -131,6 +131,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def use_deterministic_kernels() -> None:
+    """The same numbers from the same inputs on a GPU: no cuDNN autotuning, deterministic algorithms only
+    (a warning names any op without one), and cuBLAS with a fixed workspace (read when cuBLAS starts)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -183,6 +192,8 @@ class Trainer:
             raise ConfigError([f"data.batch_size: {self.global_batch} is larger than the data set "
                                f"({len(self.source)} images)"])
         self.device = resolve_device(cfg.train.device, self.env.local_rank)
+        if cfg.train.deterministic:
+            use_deterministic_kernels()
         self.layout = memory_format(cfg.train)
         store = init_process_group(self.env, self.device, cfg.dist.timeout_s)
         self.peers = PeerWatch(self.env, store) if store is not None else None
@@ -325,8 +336,8 @@ class Trainer:
 
     def train_step(self, batch, step: int) -> tuple[torch.Tensor, dict]:
         """Forward, backward and update, without reading anything on the host. A non-finite loss on any rank
-        (under fp16 loss scaling, also non-finite gradients) makes every rank skip the update: the flag is
-        all-reduced on the device and handed to the optimizer as found_inf, and EMA teachers hold still.
+        (under fp16 loss scaling, also an overflow in the gradients) makes every rank skip the update: the flag
+        is all-reduced on the device and handed to the optimizer as found_inf, and EMA teachers hold still.
         Backward runs regardless, since DDP expects one after every forward."""
         with self.phase("forward"), autocast(self.device, self.cfg.train.precision):
             loss, logs = self.model(batch.crops, step)
@@ -342,7 +353,7 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
             grads = [p.grad for p in self.core.parameters() if p.grad is not None]
-        skip = self.progress.nonfinite.skip_flag(self.agree, loss, grads)
+        skip, nonfinite_loss = self.progress.nonfinite.skip_flags(self.agree, loss, grads)
         clip_gradients(self.core, self.cfg.optim)
         self.optimizer.found_inf = skip
         self.optimizer.step()
@@ -350,7 +361,7 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.update()
         objective.after_optimizer_step(step, self.core.encoder, skip)
-        self.progress.nonfinite.record(skip)
+        self.progress.nonfinite.record(nonfinite_loss)
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), logs
 

@@ -57,6 +57,9 @@ OBJECTIVES = {
              "objective.dino.tau_t_end=0.5", "objective.dino.tau_s=1.0"],
 }
 SGD = ["optim.name=sgd", "optim.warmup_epochs=0"]
+# Four ranks where the layout of gathered rows across ranks matters (DISSL's marginal, CISSL's columns of
+# each rank's own positives; SimCLR shares those columns with CISSL); two for the rest, to keep the suite short.
+WORLDS = {"dissl": (2, 4), "cissl": (2, 4), "simclr": (2,), "dino": (2,)}
 STEPS = [*SGD, "train.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep=3"]
 
 
@@ -87,7 +90,7 @@ def test_2_and_4_ranks_match_one_process(tmp_path, objective, strategy):
     pretrain(reference)
     first, last = checkpoint(reference.run_dir, 1), checkpoint(reference.run_dir, 3)
     assert parameter_difference(first["model"], last["model"]) > 100 * 1e-5  # the steps move the weights
-    for world in (2, 4):
+    for world in WORLDS[objective]:
         overrides = tiny_overrides(tmp_path / f"w{world}", *common)
         run_world(world, overrides)
         run_dir = load_config(None, overrides).run_dir

@@ -77,7 +77,6 @@ class ResNetTrunk(ResNet):
         else:
             self.resizer = DimensionReduce(native, dim)
         self.out_dim = dim or native
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self._init_weights()
 
     def _init_weights(self):
@@ -94,7 +93,8 @@ class ResNetTrunk(ResNet):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         if self.resizer is not None:
             x = self.resizer(x)
-        return torch.flatten(self.avgpool(x), 1)
+        # Global average pooling as a mean: its backward is deterministic on GPUs, adaptive_avg_pool2d's is not.
+        return x.mean(dim=(2, 3))
 
 
 def build_trunk(model_cfg) -> ResNetTrunk:
