@@ -42,6 +42,19 @@ def hand_over_to_submitit() -> None:
     handler(signal.SIGUSR2, None)
 
 
+def requeue_after(stop, env: submitit.JobEnvironment) -> str:
+    """A stage that saved and stopped on a signal: requeue the job (rank 0 hands over to submitit), except
+    after SIGTERM alone: pre-emption (SLURM requeues the job itself if the partition says so, or sends
+    SIGUSR2 next) or scancel. Then the job fails, so nothing that waits on afterok starts."""
+    if signal.SIGTERM in stop.signals and signal.SIGUSR2 not in stop.signals:
+        print(f"{stop}; not requeueing on SIGTERM alone", flush=True)
+        raise stop
+    print(f"{stop}; requeueing", flush=True)
+    if env.global_rank == 0:
+        hand_over_to_submitit()
+    return "stopped for requeue"
+
+
 class PretrainJob(submitit.helpers.Checkpointable):
     """`sslscale pretrain` on the saved config of a run folder, as a requeueable job."""
 
@@ -64,15 +77,7 @@ class PretrainJob(submitit.helpers.Checkpointable):
         try:
             pretrain_then_probe(cfg)
         except StoppedForRequeue as stop:
-            if signal.SIGTERM in stop.signals and signal.SIGUSR2 not in stop.signals:
-                # SIGTERM alone: pre-emption (SLURM requeues the job itself if the partition says so, or
-                # sends SIGUSR2 next) or scancel. Fail the job, so nothing that waits on afterok starts.
-                print(f"{stop}; not requeueing on SIGTERM alone", flush=True)
-                raise
-            print(f"{stop}; requeueing", flush=True)
-            if env.global_rank == 0:
-                hand_over_to_submitit()
-            return "stopped for requeue"
+            return requeue_after(stop, env)
         except (ConfigError, CheckpointMismatch, DistributedSetupError, TooManyNonFiniteLosses):
             raise  # a rerun would fail the same way
         except Exception as error:
@@ -110,13 +115,7 @@ class EvalJob(submitit.helpers.Checkpointable):
         try:
             report = evaluate(cfg)
         except StoppedForRequeue as stop:
-            if signal.SIGTERM in stop.signals and signal.SIGUSR2 not in stop.signals:
-                print(f"{stop}; not requeueing on SIGTERM alone", flush=True)
-                raise
-            print(f"{stop}; requeueing", flush=True)
-            if env.global_rank == 0:
-                hand_over_to_submitit()
-            return "stopped for requeue"
+            return requeue_after(stop, env)
         if report is None:
             return None  # tasks other than 0 only extract
         return {"run_dir": self.run_dir, "results": os.path.join(self.run_dir, "eval", "linear.json")}

@@ -127,6 +127,20 @@ class LARS(MomentumSGD):
         return updates
 
 
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Gives every tensor of the optimizer's state the memory layout of its parameter. Fused kernels (ours and
+    PyTorch's fused Adam) pair elements by their place in memory: a momentum buffer saved contiguous (by an
+    FSDP run, or with train.channels_last off) and loaded for channels_last weights would otherwise update
+    the wrong elements, silently. Call it after loading a state dict."""
+    from torch.distributed.tensor import DTensor
+    for param, state in optimizer.state.items():
+        if isinstance(param, DTensor):
+            continue  # FSDP shards are always contiguous, as DCP loads their state
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def is_bias_or_norm(param: nn.Parameter) -> bool:
     # Biases and norm scales are the 1-d parameters of a convnet.
     return param.ndim <= 1

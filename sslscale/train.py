@@ -31,7 +31,7 @@ from sslscale.distributed import (AllGatherWithGrad, DistEnv, PeerWatch, RankFai
 from sslscale.hardware import peak_flops
 from sslscale.model import build_model
 from sslscale.monitor import Monitor
-from sslscale.optim import build_optimizer, build_schedule
+from sslscale.optim import build_optimizer, build_schedule, match_state_layout
 from sslscale.plan import format_plan, make_plan
 from sslscale import step_checks
 from sslscale.step_checks import NonFiniteSteps, RankAgreement
@@ -303,6 +303,7 @@ class Trainer:
         # Not strict: parameters without gradients so far (a frozen last layer) have no optimizer state.
         set_optimizer_state_dict(self.core, self.optimizer, optim_state,
                                  options=StateDictOptions(full_state_dict=full and self.sharded, strict=False))
+        match_state_layout(self.optimizer)
         for key, part in self.small_parts.items():
             part.load_state_dict(small[key])
         rng = small["rng"]  # one state per rank; a run resumed on more ranks reuses them cyclically

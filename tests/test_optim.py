@@ -112,6 +112,34 @@ def test_the_masked_update_equals_the_fused_kernel(monkeypatch):
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(*results))
 
 
+@pytest.mark.parametrize("name", ["lars", "sgd", "adam"])
+def test_state_loaded_in_another_memory_layout_updates_the_right_elements(name):
+    """A contiguous momentum buffer (saved by an FSDP run) loaded for channels_last weights: fused kernels pair
+    elements by memory position, so the state must take its parameter's layout first."""
+    torch.manual_seed(9)
+    cfg = load_config(None, [f"optim.name={name}", "optim.base_lr=0.1"]).optim
+    weight, grads = torch.randn(4, 3, 5, 5), [torch.randn(4, 3, 5, 5) for _ in range(2)]
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        conv = torch.nn.Conv2d(3, 4, 5, bias=False)
+        conv.weight.data = weight.clone().contiguous(memory_format=layout)
+        opt = build_optimizer(conv, cfg, 256)
+        conv.weight.grad = grads[0].clone().contiguous(memory_format=layout)
+        opt.step()
+        saved = opt.state_dict()
+        for value in saved["state"][0].values():
+            if isinstance(value, torch.Tensor) and value.ndim:
+                assert value.is_contiguous(memory_format=layout)
+        contiguous = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in saved["state"][0].items()}
+        opt = build_optimizer(conv, cfg, 256)
+        opt.load_state_dict({**saved, "state": {0: contiguous}})
+        optim.match_state_layout(opt)
+        conv.weight.grad = grads[1].clone().contiguous(memory_format=layout)
+        opt.step()
+        results.append(conv.weight.detach().contiguous())
+    assert torch.allclose(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
 def test_lars_excluded_groups_take_plain_sgd_steps():
     p = torch.nn.Parameter(torch.ones(4))
     p.grad = torch.full((4,), 2.0)
