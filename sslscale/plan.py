@@ -108,14 +108,22 @@ def memory_per_rank(params: dict, cfg: Config, world_size: int, buffers: int) ->
     return parts
 
 
-def make_plan(cfg: Config, *, dataset_size: int, world_size: int | None = None, flops: bool = True) -> dict:
+def flops_key(cfg: Config) -> dict:
+    """What the FLOP count depends on: the model's shape and the crops."""
+    return {**cfg.shape_signature(), "crops": [[g.size, g.count] for g in cfg.data.crops]}
+
+
+def make_plan(cfg: Config, *, dataset_size: int, world_size: int | None = None, flops: bool = True,
+              previous: dict | None = None) -> dict:
     """The plan of `cfg` on `world_size` ranks with a train split of `dataset_size` images. Builds a model
-    of its own on the CPU (never the caller's) and leaves the caller's random number generators as they were."""
+    of its own on the CPU (never the caller's) and leaves the caller's random number generators as they were.
+    `previous`: an earlier plan of the same run; its FLOP count is reused if the model and crops are the same
+    (tracing takes seconds, and a requeued job should start training at once)."""
     with torch.random.fork_rng(devices=[]):
-        return _make_plan(cfg, dataset_size, world_size, flops)
+        return _make_plan(cfg, dataset_size, world_size, flops, previous or {})
 
 
-def _make_plan(cfg: Config, dataset_size: int, world_size: int | None, flops: bool) -> dict:
+def _make_plan(cfg: Config, dataset_size: int, world_size: int | None, flops: bool, previous: dict) -> dict:
     world_size = world_size or default_world_size(cfg)
     global_batch = cfg.data.batch_size
     total_samples = int(cfg.train.epochs * dataset_size)
@@ -153,8 +161,12 @@ def _make_plan(cfg: Config, dataset_size: int, world_size: int | None, flops: bo
         "strategy": cfg.dist.strategy,
         "memory_per_rank_bytes": memory_per_rank(params, cfg, world_size, buffers),
     }
+    plan["flops_key"] = flops_key(cfg)
     if flops:
-        plan["flops_per_image"] = count_flops(model, sizes, cfg.objective.name)
+        same_model = previous.get("flops_key") == plan["flops_key"] and "train_step_flops" in previous.get(
+            "flops_per_image", {})
+        plan["flops_per_image"] = (previous["flops_per_image"] if same_model
+                                   else count_flops(model, sizes, cfg.objective.name))
         if "train_step_flops" in plan["flops_per_image"]:
             plan["run_flops"] = plan["flops_per_image"]["train_step_flops"] * global_batch * plan["end_step"]
     return plan

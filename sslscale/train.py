@@ -8,6 +8,7 @@ positions [k*N, (k+1)*N) (see data_pipelines.sources).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -242,9 +243,16 @@ class Trainer:
 
     def show_plan(self) -> None:
         """What this run will do (sslscale plan), on the console and in plan.json of the run folder."""
-        self.plan = make_plan(self.cfg, dataset_size=len(self.source), world_size=self.env.world_size)
+        path = os.path.join(self.cfg.run_dir, "plan.json")
+        try:
+            with open(path) as f:
+                previous = json.load(f)
+        except (OSError, ValueError):
+            previous = None
+        self.plan = make_plan(self.cfg, dataset_size=len(self.source), world_size=self.env.world_size,
+                              previous=previous)
         print(format_plan(self.plan, f"plan of {self.cfg.run_dir}"), file=self.stream, flush=True)
-        write_json_atomic(os.path.join(self.cfg.run_dir, "plan.json"), self.plan)
+        write_json_atomic(path, self.plan)
         self.monitor.measure_mfu(self.plan.get("flops_per_image", {}).get("train_step_flops"),
                                  peak_flops(self.device, self.cfg.train.precision), self.env.world_size)
 

@@ -118,3 +118,18 @@ def test_pretrain_prints_the_plan_and_writes_it_to_the_run_folder(tiny_config, c
         saved = json.load(f)
     assert saved["params"] == make_plan(cfg, dataset_size=1497, world_size=1)["params"]
     assert saved["end_step"] == 1
+
+
+def test_a_resumed_run_reuses_the_flop_count_of_its_plan_unless_the_model_changed(tiny_config, monkeypatch):
+    from sslscale import plan as plan_module
+    calls = []
+    original = plan_module.count_flops
+    monkeypatch.setattr(plan_module, "count_flops", lambda *a: calls.append(a) or original(*a))
+    pretrain(tiny_config("train.max_steps=1"))
+    pretrain(tiny_config("train.max_steps=2"))  # resumed: the same model and crops
+    assert len(calls) == 1
+    cfg = tiny_config("train.max_steps=3", "data.crops=[{size: 8, count: 2}, {size: 4, count: 2}]")
+    pretrain(cfg)  # other crops: counted again (the shapes are the same, so the run resumes)
+    assert len(calls) == 2
+    with open(os.path.join(cfg.run_dir, "plan.json")) as f:
+        assert json.load(f)["flops_key"]["crops"] == [[8, 2], [4, 2]]
