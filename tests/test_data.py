@@ -1,9 +1,13 @@
+import io
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_pipelines.config import DataConfig
+from data_pipelines.image_header import encoded_size
 from data_pipelines.sources import (RankBatches, SampleStream, build_source, digits, export_image_folder,
                                     fashion_mnist, file_list, image_folder, random_subset)
 from data_pipelines.torchvision import MultiCropDataset, collate_multicrop, multicrop_loader
@@ -117,3 +121,30 @@ def test_fashion_mnist_is_read_from_the_debian_package():
     assert train.num_classes == 10 and train.load(0).shape == (3, 28, 28)
     assert torch.bincount(train.labels).tolist() == [6000] * 10
     assert len(build_source(DataConfig(source="fashion_mnist"), "val")) == 10000
+
+
+# ---------------------------------------------------------------------------------------------
+# Image headers, read without Pillow for the DALI feeder
+
+
+def encoded(array, mode="RGB", fmt="JPEG", **save_args) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(out, fmt, **save_args)
+    return out.getvalue()
+
+
+def test_image_header_reads_jpeg_and_png_sizes_as_pillow_does_and_leaves_the_rest_to_it():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # an orientation tag: the stored size is what counts (DALI decodes without rotating)
+    files = [encoded(pixels), encoded(pixels, progressive=True), encoded(pixels, "L"), encoded(pixels, "CMYK"),
+             encoded(pixels, exif=exif.tobytes()), encoded(pixels, "RGBA", "PNG"), encoded(pixels, "L", "PNG")]
+    for data in files:
+        with Image.open(io.BytesIO(data)) as image:
+            assert encoded_size(data) == (image.format, image.height, image.width)
+    good = files[0]
+    for other in (encoded(pixels, fmt="BMP"), encoded(pixels, "P", "GIF"), b"", b"this is not an image",
+                  good[:good.find(b"\xff\xc0")] + b"\xff\xd9",  # a JPEG cut before its frame header
+                  good[:20]):
+        assert encoded_size(other) is None
