@@ -7,9 +7,11 @@ import torch
 from PIL import Image
 
 from data_pipelines.config import DataConfig
+from data_pipelines.dali_feeder import JitterPlan, read_encoded
 from data_pipelines.image_header import encoded_size
-from data_pipelines.sources import (RankBatches, SampleStream, build_source, digits, export_image_folder,
-                                    fashion_mnist, file_list, image_folder, random_subset)
+from data_pipelines.params import HUE
+from data_pipelines.sources import (RankBatches, SampleStream, UnreadableImage, build_source, digits,
+                                    export_image_folder, fashion_mnist, file_list, image_folder, random_subset)
 from data_pipelines.torchvision import MultiCropDataset, collate_multicrop, multicrop_loader
 from sslscale.config import load_config
 
@@ -124,7 +126,7 @@ def test_fashion_mnist_is_read_from_the_debian_package():
 
 
 # ---------------------------------------------------------------------------------------------
-# Image headers, read without Pillow for the DALI feeder
+# The DALI feeder's Python side (needs no DALI)
 
 
 def encoded(array, mode="RGB", fmt="JPEG", **save_args) -> bytes:
@@ -148,3 +150,49 @@ def test_image_header_reads_jpeg_and_png_sizes_as_pillow_does_and_leaves_the_res
                   good[:good.find(b"\xff\xc0")] + b"\xff\xd9",  # a JPEG cut before its frame header
                   good[:20]):
         assert encoded_size(other) is None
+
+
+def test_read_encoded_checks_what_would_stop_a_dali_decoder(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    good = encoded(pixels)
+    files = {"good.jpg": good, "png.png": encoded(pixels, "RGBA", "PNG"), "gif.gif": encoded(pixels, "P", "GIF"),
+             "truncated.jpg": good[:len(good) // 2], "truncated.png": encoded(pixels, fmt="PNG")[:200],
+             "empty.jpg": b"", "text.jpg": b"this is not an image"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    image = read_encoded(str(tmp_path / "good.jpg"))
+    assert (image.height, image.width) == (30, 40) and image.payload.tobytes() == good
+    assert (read_encoded(str(tmp_path / "png.png")).height, read_encoded(str(tmp_path / "png.png")).width) == (30, 40)
+    converted = read_encoded(str(tmp_path / "gif.gif"))  # DALI reads no GIF: it gets a BMP
+    assert converted.payload[:2].tobytes() == b"BM" and (converted.height, converted.width) == (30, 40)
+    for name in ("truncated.jpg", "truncated.png", "empty.jpg", "text.jpg"):
+        with pytest.raises(UnreadableImage, match=name):
+            read_encoded(str(tmp_path / name))
+
+
+def per_sample_jitter_plan(plan: JitterPlan, order: np.ndarray, jitter: np.ndarray) -> np.ndarray:
+    """JitterPlan.steps by its definition, one sample at a time."""
+    pre = np.full((len(order), len(plan.blend_ops)), -1)
+    post = np.full_like(pre, -1)
+    for i, sample_order in enumerate(order):
+        if not jitter[i]:
+            continue
+        split = list(sample_order).index(HUE) if plan.hue else len(sample_order)
+        before = [op for op in sample_order[:split] if op in plan.blend_ops]
+        after = [op for op in sample_order[split + 1:] if op in plan.blend_ops]
+        pre[i, :len(before)], post[i, :len(after)] = before, after
+    columns = [(pre if where == "pre" else post)[:, j] == op for where, j in plan.slots for op in plan.blend_ops]
+    return np.stack(columns, 1) if columns else np.zeros((len(order), 0), bool)
+
+
+@pytest.mark.parametrize("zeroed", [[], ["hue"], ["contrast"], ["brightness", "saturation"],
+                                    ["brightness", "contrast", "saturation"]])
+def test_jitter_plan_of_a_whole_batch_equals_its_per_sample_definition(zeroed):
+    spec = load_config(None, [f"data.augment.jitter.{name}=0" for name in zeroed]).data.augment
+    plan = JitterPlan(spec)
+    rng = np.random.default_rng(len(zeroed))
+    order = np.argsort(rng.random((500, 4)), axis=1)
+    jitter = rng.random(500) < 0.8
+    steps = plan.steps(order, jitter)
+    assert steps.shape == (500, len(plan.input_names()))
+    assert np.array_equal(steps, per_sample_jitter_plan(plan, order, jitter))
