@@ -18,7 +18,9 @@ values and clamps to [0, 255], contrast blends towards the mean of the floored g
 rotates in HSV, blur rounds), written with DALI's arithmetic ops where DALI's fused colour ops
 compute something else (fn.hue rotates in YIQ space, fn.contrast centres on grey 128).
 
-The crops are handed to torch without a copy (DLPack).
+The crops leave DALI in the layout and dtype the model wants (NHWC memory for channels_last,
+float16 where asked) and are handed to torch without a copy (DLPack), so moving a batch to the
+model's device and layout is a no-op on the GPU path.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 # Pipeline rebuilds after decode failures that the header checks did not catch, before giving up.
 MAX_PIPELINE_REBUILDS = 16
 PREFETCH = 2  # batches DALI prepares ahead
+# The dtypes DALI writes crops in. DALI has no bfloat16: a bf16 run gets float16 (see crop_dtype).
+CROP_DTYPES = (torch.float32, torch.float16)
 JITTER_FACTORS = ["brightness", "contrast", "saturation", "hue"]  # feeder columns, in params.py's op order
 # What a scheduler sends to ask a job to stop (SLURM signals every process of the job, workers included).
 # The trainer handles them; the feeder workers must not die of them before it has saved.
@@ -64,11 +68,13 @@ def require_dali(device: str) -> None:
 
 
 def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device_id: int | None,
-                   num_threads: int, seed: int, feeder_workers: int = 0, prefetch: int = PREFETCH):
+                   num_threads: int, seed: int, feeder_workers: int = 0, channels_last: bool = False,
+                   dtype: torch.dtype = torch.float32, prefetch: int = PREFETCH):
     """The DALI pipeline graph; `device` is "gpu" or "cpu".
 
     feeder_workers > 0 runs the feeder in that many worker processes (DALI's parallel external source),
-    each computing whole steps ahead; 0 runs it on the calling thread."""
+    each computing whole steps ahead; 0 runs it on the calling thread. Crops come out as [B, H, W, 3]
+    (channels_last) or [B, 3, H, W], in `dtype` (one of CROP_DTYPES)."""
     from nvidia.dali import fn, pipeline_def, types
 
     import nvidia.dali.math as dmath
@@ -151,8 +157,8 @@ def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device
         if inputs["solarize"]:
             x = x + (x >= float(SOLARIZE_THRESHOLD)) * (255.0 - 2.0 * x)
         # The flip commutes with every op before it (all are symmetric or per pixel), so it is done here.
-        return fn.crop_mirror_normalize(x, mirror=fn.cast(inputs["flip"], dtype=types.INT32), dtype=types.FLOAT,
-                                        output_layout="CHW", mean=mean, std=std)
+        return fn.crop_mirror_normalize(x, mirror=fn.cast(inputs["flip"], dtype=types.INT32), dtype=out_dtype,
+                                        output_layout="HWC" if channels_last else "CHW", mean=mean, std=std)
 
     def crop_inputs(crop_params, slot: int) -> dict:
         """The per-sample parameters of one crop slot, cut out of the feeder's packed array."""
@@ -160,6 +166,7 @@ def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device
         inputs["top_left"], inputs["height_width"] = crop_params[slot, 0:2], crop_params[slot, 2:4]
         return inputs
 
+    out_dtype = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
     parallel = dict(parallel=True, prefetch_queue_depth=max(prefetch, feeder_workers)) if feeder_workers else {}
 
     @pipeline_def(batch_size=feeder.local_batch, num_threads=max(1, num_threads), device_id=device_id,
@@ -198,14 +205,24 @@ def worker_start_method() -> str:
 
 
 class MultiCropPipeline:
-    """Iterates Batches of this rank for steps start_step, start_step + 1, ... (num_steps of them)."""
+    """Iterates Batches of this rank for steps start_step, start_step + 1, ... (num_steps of them).
+
+    Crops come as `dtype` (float32 or float16) in `layout` (torch.channels_last: NHWC memory, the
+    tensor still indexed [B, 3, H, W]), on the pipeline's device, without a copy out of DALI.
+    """
 
     def __init__(self, source: ImageSource, data_cfg, *, seed: int, rank: int, world_size: int, start_step: int,
-                 num_steps: int | None, device_id: int | None = None):
+                 num_steps: int | None, device_id: int | None = None,
+                 layout: torch.memory_format = torch.contiguous_format, dtype: torch.dtype = torch.float32):
         require_dali(data_cfg.device)
         if data_cfg.batch_size % world_size:
             raise ValueError(f"global batch {data_cfg.batch_size} does not split evenly over {world_size} ranks")
+        if layout not in (torch.contiguous_format, torch.channels_last):
+            raise ValueError(f"crop layout {layout}; valid: torch.contiguous_format, torch.channels_last")
+        if dtype not in CROP_DTYPES:
+            raise ValueError(f"crop dtype {dtype}; DALI writes {', '.join(map(str, CROP_DTYPES))}")
         self.data_cfg, self.seed = data_cfg, seed
+        self.channels_last, self.dtype = layout == torch.channels_last, dtype
         self.on_gpu = data_cfg.device == "gpu"
         self.device_id = (device_id if device_id is not None else torch.cuda.current_device()) if self.on_gpu else None
         self.feeder = StepFeeder(source, data_cfg.crops, data_cfg.augment, seed=seed, rank=rank,
@@ -228,7 +245,8 @@ class MultiCropPipeline:
         self.feeder.start_step = self.step
         self.pipe = build_pipeline(self.feeder, self.data_cfg.augment, device=self.data_cfg.device,
                                    device_id=self.device_id, num_threads=self.data_cfg.num_workers, seed=self.seed,
-                                   feeder_workers=self.data_cfg.feeder_workers)
+                                   feeder_workers=self.data_cfg.feeder_workers, channels_last=self.channels_last,
+                                   dtype=self.dtype)
         with stop_signals_blocked():
             self.pipe.build()  # starts the feeder workers
 
@@ -273,6 +291,8 @@ class MultiCropPipeline:
     def _to_batch(self, outputs) -> Batch:
         *crops, sample_ids, host_sample_ids = outputs
         crops = [as_torch(crop) for crop in crops]
+        if self.channels_last:
+            crops = [crop.permute(0, 3, 1, 2) for crop in crops]  # [B, H, W, 3] memory seen as [B, 3, H, W]
         sample_ids = as_torch(sample_ids)
         return Batch(crops, sample_ids[:, 0], sample_ids[:, 1], int(as_torch(host_sample_ids)[:, 2].sum()))
 

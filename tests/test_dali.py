@@ -372,6 +372,28 @@ def test_feeder_workers_outlive_the_stop_signals_the_trainer_handles():
     assert result.stdout.split("\n")[-2] == f"11 {sorted([int(signal.SIGUSR2), int(signal.SIGTERM)])}"
 
 
+def test_crops_arrive_in_the_models_layout_and_dtype_and_moving_them_is_a_no_op(photo_folder):
+    from data_pipelines.loaders import multicrop_batches
+    source = image_folder(str(photo_folder / "train"))
+    data_cfg = data_config("data.source=folder", f"data.path={photo_folder}", "data.batch_size=6",
+                           "data.backend=dali", "data.crops=[{size: 32, count: 2}, {size: 16, count: 1}]")
+    kwargs = dict(seed=2, rank=0, world_size=1, start_step=0, num_steps=3)
+    plain = list(multicrop_batches(source, data_cfg, **kwargs))  # float32 NCHW, what the torchvision backend gives
+    for compute_dtype in (torch.bfloat16, torch.float16):
+        model_ready = list(multicrop_batches(source, data_cfg, **kwargs, layout=torch.channels_last,
+                                             compute_dtype=compute_dtype))
+        for batch, reference in zip(model_ready, plain, strict=True):
+            moved = batch.to(torch.device("cpu"), memory_format=torch.channels_last)
+            for crop, expected, same in zip(batch.crops, reference.crops, moved.crops, strict=True):
+                assert crop.shape == expected.shape and crop.dtype == torch.float16
+                assert crop.is_contiguous(memory_format=torch.channels_last) and expected.is_contiguous()
+                assert torch.equal(crop, expected.half())  # the float32 crops, rounded once
+                assert same is crop
+    # DALI's outputs are kept by the tensors that share them: later steps never overwrite earlier batches.
+    again = list(multicrop_batches(source, data_cfg, **kwargs))
+    assert all(torch.equal(a, b) for x, y in zip(plain, again) for a, b in zip(x.crops, y.crops))
+
+
 def test_gpu_graph_puts_decode_augmentation_and_ids_on_the_gpu(photo_folder):
     """The GPU pipeline cannot be built without CUDA, but its graph can be traced: the ops and outputs land
     on the devices they must (mixed decode, GPU augmentation, replacement counts on the host)."""
@@ -382,7 +404,7 @@ def test_gpu_graph_puts_decode_augmentation_and_ids_on_the_gpu(photo_folder):
     feeder = StepFeeder(image_folder(str(photo_folder / "train")), data_cfg.crops, data_cfg.augment, seed=0, rank=0,
                         world_size=1, global_batch=4, start_step=0)
     pipe = build_pipeline(feeder, data_cfg.augment, device="gpu", device_id=0, num_threads=1, seed=0,
-                          feeder_workers=2)
+                          feeder_workers=2, channels_last=True, dtype=torch.float16)
     pipe._build_graph()  # DALI's own trace of the graph (Python side; pipe.build() would need CUDA)
     assert [output.device for output in pipe._graph_outputs] == ["gpu"] * 3 + ["gpu", "cpu"]
     devices = {}

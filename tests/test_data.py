@@ -9,6 +9,7 @@ from PIL import Image
 from data_pipelines.config import DataConfig
 from data_pipelines.dali_feeder import JitterPlan, read_encoded
 from data_pipelines.image_header import encoded_size
+from data_pipelines.loaders import crop_dtype, multicrop_batches
 from data_pipelines.params import HUE
 from data_pipelines.sources import (RankBatches, SampleStream, UnreadableImage, build_source, digits,
                                     export_image_folder, fashion_mnist, file_list, image_folder, random_subset)
@@ -196,3 +197,19 @@ def test_jitter_plan_of_a_whole_batch_equals_its_per_sample_definition(zeroed):
     steps = plan.steps(order, jitter)
     assert steps.shape == (500, len(plan.input_names()))
     assert np.array_equal(steps, per_sample_jitter_plan(plan, order, jitter))
+
+
+def test_crops_are_asked_for_in_the_compute_dtype_dali_can_write():
+    assert crop_dtype(torch.float32) == torch.float32
+    assert crop_dtype(torch.float16) == torch.float16
+    assert crop_dtype(torch.bfloat16) == torch.float16  # DALI writes no bfloat16
+    with pytest.raises(ValueError, match="float64"):
+        crop_dtype(torch.float64)
+
+
+def test_torchvision_batches_stay_float32_nchw_whatever_the_model_computes_in():
+    cfg = load_config(None, ["data.source=digits", "data.batch_size=4", "data.num_workers=0",
+                             "data.augment.blur_p=0", "data.crops=[{size: 8, count: 2}]"])
+    batch = next(iter(multicrop_batches(digits("train"), cfg.data, seed=0, rank=0, world_size=1, start_step=0,
+                                        num_steps=1, layout=torch.channels_last, compute_dtype=torch.bfloat16)))
+    assert all(c.dtype == torch.float32 and c.is_contiguous() for c in batch.crops)
