@@ -207,6 +207,12 @@ def test_crops_are_asked_for_in_the_compute_dtype_dali_can_write():
         crop_dtype(torch.float64)
 
 
+def test_a_negative_number_of_feeder_workers_is_refused():
+    from sslscale.config import ConfigError
+    with pytest.raises(ConfigError, match="data.feeder_workers: -1; must be >= 0"):
+        load_config(None, ["data.feeder_workers=-1"])
+
+
 def test_torchvision_batches_stay_float32_nchw_whatever_the_model_computes_in():
     cfg = load_config(None, ["data.source=digits", "data.batch_size=4", "data.num_workers=0",
                              "data.augment.blur_p=0", "data.crops=[{size: 8, count: 2}]"])
