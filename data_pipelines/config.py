@@ -23,6 +23,9 @@ class DataConfig:
     device: str = "cpu"
     batch_size: int = 256  # GLOBAL batch, split evenly over ranks
     num_workers: int = 2  # DataLoader workers (torchvision) or DALI's CPU threads, per rank
+    # dali: processes per rank that read the files and draw the crop parameters of upcoming steps, so the
+    # training thread does not; 0 does that work on the training thread.
+    feeder_workers: int = 2
     crops: list[CropGroup] = field(default_factory=lambda: [CropGroup()])
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     # Frozen-feature evaluation: resize the short side to eval_resize, centre-crop eval_crop.
@@ -46,6 +49,8 @@ class DataConfig:
             errors.append(f"batch_size: {self.batch_size}; must be >= 1")
         if self.num_workers < 0:
             errors.append(f"num_workers: {self.num_workers}; must be >= 0")
+        if self.feeder_workers < 0:
+            errors.append(f"feeder_workers: {self.feeder_workers}; must be >= 0")
         if not 1 <= self.eval_crop <= self.eval_resize:
             errors.append(f"eval_crop: {self.eval_crop}; need 1 <= eval_crop <= eval_resize ({self.eval_resize})")
         errors += validate_crops(self.crops)

@@ -3,7 +3,7 @@
 On a GPU the decode is "mixed" (nvJPEG and the hardware JPEG decoder) and every op runs on the
 GPU; on a CPU the same graph runs on DALI's CPU backend (`device_id=None`), which is what CI tests.
 
-What stays in Python, and why:
+What stays in Python, and why (dali_feeder.py, run in DALI's worker processes ahead of the step):
 - Which images a step reads: the SampleStream of sources.py (shared with the torchvision backend),
   fed through `external_source`. DALI's own readers shuffle with a buffer and shard by a fixed
   number of shards; ours is exact across epochs and resumes on any number of ranks from one
@@ -17,30 +17,37 @@ The per-crop chain mirrors torchvision v2's uint8 semantics (each colour op floo
 values and clamps to [0, 255], contrast blends towards the mean of the floored grayscale, hue
 rotates in HSV, blur rounds), written with DALI's arithmetic ops where DALI's fused colour ops
 compute something else (fn.hue rotates in YIQ space, fn.contrast centres on grey 128).
+
+The crops leave DALI in the layout and dtype the model wants (NHWC memory for channels_last,
+float16 where asked) and are handed to torch without a copy (DLPack), so moving a batch to the
+model's device and layout is a no-op on the GPU path.
 """
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
-from dataclasses import dataclass
+import signal
 
 import numpy as np
 import torch
-from PIL import Image
 
-from data_pipelines import params as draws
-from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, CropGroup, blur_kernel_size
+from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, blur_kernel_size
 from data_pipelines.batch import Batch
-from data_pipelines.params import BRIGHTNESS, CONTRAST, HUE, jitter_ranges
-from data_pipelines.sources import ImageSource, SampleStream, UnreadableImage, first_readable
+from data_pipelines.dali_feeder import StepFeeder
+from data_pipelines.params import BRIGHTNESS, CONTRAST, HUE
+from data_pipelines.sources import ImageSource, UnreadableImage, first_readable
 
 log = logging.getLogger(__name__)
 
-# Formats DALI's decoders read; anything else Pillow can open is converted to BMP (cheap, lossless).
-DALI_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
 # Pipeline rebuilds after decode failures that the header checks did not catch, before giving up.
 MAX_PIPELINE_REBUILDS = 16
 PREFETCH = 2  # batches DALI prepares ahead
+# The dtypes DALI writes crops in. DALI has no bfloat16: a bf16 run gets float16 (see crop_dtype).
+CROP_DTYPES = (torch.float32, torch.float16)
+JITTER_FACTORS = ["brightness", "contrast", "saturation", "hue"]  # feeder columns, in params.py's op order
+# What a scheduler sends to ask a job to stop (SLURM signals every process of the job, workers included).
+# The trainer handles them; the feeder workers must not die of them before it has saved.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
 
 
 class BackendUnavailable(RuntimeError):
@@ -60,132 +67,14 @@ def require_dali(device: str) -> None:
                                  "use data.device: cpu (DALI's CPU backend) or run on a GPU node")
 
 
-@dataclass
-class ReadImage:
-    """What the Python side hands DALI for one sample."""
-
-    payload: np.ndarray  # encoded file bytes (uint8 [n]) or decoded pixels (uint8 [H, W, 3])
-    height: int
-    width: int
-
-
-def read_encoded(path: str) -> ReadImage:
-    """The file's bytes and size, after the checks that catch what would stop a DALI decoder:
-    not an image, an empty or truncated JPEG / PNG. Formats DALI cannot decode go through Pillow."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            kind = image.format
-            if kind not in DALI_FORMATS:
-                converted = io.BytesIO()
-                image.convert("RGB").save(converted, "BMP")
-                data = converted.getvalue()
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UnreadableImage(f"{path}: {error}") from error
-    if kind == "JPEG" and b"\xff\xd9" not in data[-64:]:
-        raise UnreadableImage(f"{path}: truncated JPEG (no end-of-image marker)")
-    if kind == "PNG" and b"IEND" not in data[-64:]:
-        raise UnreadableImage(f"{path}: truncated PNG (no IEND chunk)")
-    return ReadImage(np.frombuffer(data, np.uint8), height, width)
-
-
-def read_decoded(source: ImageSource, index: int) -> ReadImage:
-    """In-memory sources (Fashion-MNIST, digits) skip the decoder: their pixels go in as HWC."""
-    pixels = np.ascontiguousarray(source.load(index).permute(1, 2, 0).numpy())
-    return ReadImage(pixels, pixels.shape[0], pixels.shape[1])
-
-
-class StepFeeder:
-    """DALI's external source: everything one step of this rank needs, as per-sample batches.
-
-    Called by DALI with the pipeline iteration (ahead of time, for prefetching); iteration i is
-    step start_step + i of the global stream.
-    """
-
-    def __init__(self, source: ImageSource, crops: list[CropGroup], spec: AugmentSpec, *, seed: int,
-                 rank: int, world_size: int, global_batch: int, start_step: int):
-        self.source, self.crops, self.spec, self.seed = source, crops, spec, seed
-        self.stream = SampleStream(len(source), seed)
-        self.local_batch = global_batch // world_size
-        self.offset = rank * self.local_batch
-        self.global_batch, self.start_step = global_batch, start_step
-        self.encoded = source.path(0) is not None  # files: DALI decodes them; else raw pixels
-        self.known_bad: set[int] = set()  # images DALI failed to decode (found by MultiCropPipeline)
-        self.groups = [group for group in crops for _ in range(group.count)]
-        self.plan = JitterPlan(spec)
-
-    def first_position(self, step: int) -> int:
-        return step * self.global_batch + self.offset
-
-    def read(self, index: int) -> ReadImage:
-        if index in self.known_bad:
-            raise UnreadableImage(f"image {index} failed to decode earlier")
-        return read_encoded(self.source.path(index)) if self.encoded else read_decoded(self.source, index)
-
-    def __call__(self, info):
-        first = self.first_position(self.start_step + info.iteration)
-        positions = range(first, first + self.local_batch)
-        samples = [first_readable(self.read, len(self.source), self.stream.index(p)) for p in positions]
-        images = [image for image, _, _ in samples]
-        indices = np.array([index for _, index, _ in samples], np.int64)
-        replaced = np.array([count for _, _, count in samples], np.int32)
-        heights = np.array([image.height for image in images])
-        widths = np.array([image.width for image in images])
-        outputs = [[image.payload for image in images], self.source.labels[indices].numpy(), indices, replaced]
-        for params, group in zip(draws.draw(self.crops, self.spec, self.seed, first, self.local_batch), self.groups):
-            top, left, height, width = params.window(heights, widths, group).T.astype(np.float32)
-            outputs += [np.stack([top, left], 1), np.stack([top + height, left + width], 1),
-                        params.flip.astype(np.int32), params.jitter, params.factors,
-                        params.grayscale, params.blur, params.sigma, params.solarize]
-            outputs += list(self.plan.steps(params.order, params.jitter))
-        return tuple(outputs)
-
-
-class JitterPlan:
-    """Turns each sample's random order of the colour jitters into a graph without four copies of each op.
-
-    Hue, by far the most expensive op, runs once per crop: the brightness, contrast and saturation
-    jitters that come before it in a sample's order run in the `pre` slots, those after it in the
-    `post` slots. Each slot holds one conditional per op, and Python decides which (if any) applies.
-    """
-
-    def __init__(self, spec: AugmentSpec):
-        enabled = [op for op, bounds in enumerate(jitter_ranges(spec)) if bounds is not None]
-        self.blend_ops = [op for op in enabled if op != HUE]   # brightness, contrast, saturation
-        self.hue = HUE in enabled
-        self.slots = [("pre", j) for j in range(len(self.blend_ops))]
-        if self.hue:
-            self.slots += [("post", j) for j in range(len(self.blend_ops))]
-
-    def input_names(self) -> list[str]:
-        return [f"{where}{j}_op{op}" for where, j in self.slots for op in self.blend_ops]
-
-    def steps(self, order: np.ndarray, jitter: np.ndarray):
-        """For every (slot, op) of input_names: does the sample apply that op in that slot?"""
-        pre = np.full((len(order), len(self.blend_ops)), -1)
-        post = np.full_like(pre, -1)
-        for i, sample_order in enumerate(order):
-            if not jitter[i]:
-                continue
-            split = list(sample_order).index(HUE) if self.hue else len(sample_order)
-            before = [op for op in sample_order[:split] if op in self.blend_ops]
-            after = [op for op in sample_order[split + 1:] if op in self.blend_ops]
-            pre[i, :len(before)], post[i, :len(after)] = before, after
-        for where, j in self.slots:
-            table = pre if where == "pre" else post
-            for op in self.blend_ops:
-                yield table[:, j] == op
-
-
-CROP_INPUTS = ["roi_start", "roi_end", "flip", "jitter", "factors", "grayscale", "blur", "sigma", "solarize"]
-META_INPUTS = 4  # images, labels, indices, replacements
-
-
 def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device_id: int | None,
-                   num_threads: int, seed: int, prefetch: int = PREFETCH):
-    """The DALI pipeline graph; `device` is "gpu" or "cpu"."""
+                   num_threads: int, seed: int, feeder_workers: int = 0, channels_last: bool = False,
+                   dtype: torch.dtype = torch.float32, prefetch: int = PREFETCH):
+    """The DALI pipeline graph; `device` is "gpu" or "cpu".
+
+    feeder_workers > 0 runs the feeder in that many worker processes (DALI's parallel external source),
+    each computing whole steps ahead; 0 runs it on the calling thread. Crops come out as [B, H, W, 3]
+    (channels_last) or [B, 3, H, W], in `dtype` (one of CROP_DTYPES)."""
     from nvidia.dali import fn, pipeline_def, types
 
     import nvidia.dali.math as dmath
@@ -240,7 +129,7 @@ def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device
         return dmath.floor(rgb * 255.999)  # torchvision's float -> uint8 conversion
 
     def color_jitter(x, inputs):
-        factors = per_sample(inputs["factors"])
+        factors = [per_sample(inputs[name]) for name in JITTER_FACTORS]
         for where, j in plan.slots:
             if where == "post" and j == 0:
                 x = hue_shift(x, factors[HUE])
@@ -254,7 +143,7 @@ def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device
     def crop_chain(image, group: CropGroup, inputs: dict):
         # Cut the window out first: resizing with a ROI would let the filters reach pixels outside it,
         # which torchvision's crop-then-resize never sees (visible when small windows are upscaled).
-        window = fn.slice(image, inputs["roi_start"], inputs["roi_end"] - inputs["roi_start"], axes=[0, 1],
+        window = fn.slice(image, inputs["top_left"], inputs["height_width"], axes=[0, 1],
                           normalized_anchor=False, normalized_shape=False)
         x = fn.resize(window, size=[group.size, group.size], interp_type=interpolation[group.interpolation],
                       antialias=True)
@@ -268,40 +157,72 @@ def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device
         if inputs["solarize"]:
             x = x + (x >= float(SOLARIZE_THRESHOLD)) * (255.0 - 2.0 * x)
         # The flip commutes with every op before it (all are symmetric or per pixel), so it is done here.
-        return fn.crop_mirror_normalize(x, mirror=inputs["flip"], dtype=types.FLOAT, output_layout="CHW",
-                                        mean=mean, std=std)
+        return fn.crop_mirror_normalize(x, mirror=fn.cast(inputs["flip"], dtype=types.INT32), dtype=out_dtype,
+                                        output_layout="HWC" if channels_last else "CHW", mean=mean, std=std)
 
-    names = CROP_INPUTS + plan.input_names()
-    n_outputs = META_INPUTS + len(names) * len(feeder.groups)
+    def crop_inputs(crop_params, slot: int) -> dict:
+        """The per-sample parameters of one crop slot, cut out of the feeder's packed array."""
+        inputs = {name: crop_params[slot, i] for i, name in enumerate(feeder.columns())}
+        inputs["top_left"], inputs["height_width"] = crop_params[slot, 0:2], crop_params[slot, 2:4]
+        return inputs
+
+    out_dtype = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
+    parallel = dict(parallel=True, prefetch_queue_depth=max(prefetch, feeder_workers)) if feeder_workers else {}
 
     @pipeline_def(batch_size=feeder.local_batch, num_threads=max(1, num_threads), device_id=device_id,
-                  seed=seed, prefetch_queue_depth=prefetch, enable_conditionals=True)
+                  seed=seed, prefetch_queue_depth=prefetch, enable_conditionals=True,
+                  py_num_workers=max(1, feeder_workers), py_start_method=worker_start_method())
     def multicrop():
-        inputs = fn.external_source(source=feeder, num_outputs=n_outputs, batch=True, batch_info=True)
-        data, labels, indices, replaced = inputs[:META_INPUTS]
+        data, sample_ids, crop_params = fn.external_source(source=feeder, num_outputs=3, batch=True,
+                                                           batch_info=True, **parallel)
         if feeder.encoded:
             image = fn.decoders.image(data, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
                                       adjust_orientation=False, jpeg_fancy_upsampling=True)
         else:
             image = fn.reshape(data.gpu() if on_gpu else data, layout="HWC")
-        crops = []
-        for slot, group in enumerate(feeder.groups):
-            first = META_INPUTS + slot * len(names)
-            crops.append(crop_chain(image, group, dict(zip(names, inputs[first:first + len(names)]))))
-        return (*crops, labels, indices, replaced)
+        crops = [crop_chain(image, group, crop_inputs(crop_params, slot)) for slot, group in enumerate(feeder.groups)]
+        # Labels and indices go where the crops go; the replacement counts stay on the host, which reads them.
+        return (*crops, sample_ids.gpu() if on_gpu else sample_ids, sample_ids)
 
     return multicrop()
 
 
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Processes started inside inherit a mask that blocks STOP_SIGNALS (forked and spawned alike), so they
+    live until their pipeline closes them. Here the signals wait, and arrive when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def worker_start_method() -> str:
+    """Forked workers start in milliseconds, but a process that has initialised CUDA must not fork:
+    there the workers are spawned (they import the feeder's modules and unpickle it, seconds once)."""
+    return "spawn" if torch.cuda.is_initialized() else "fork"
+
+
 class MultiCropPipeline:
-    """Iterates Batches of this rank for steps start_step, start_step + 1, ... (num_steps of them)."""
+    """Iterates Batches of this rank for steps start_step, start_step + 1, ... (num_steps of them).
+
+    Crops come as `dtype` (float32 or float16) in `layout` (torch.channels_last: NHWC memory, the
+    tensor still indexed [B, 3, H, W]), on the pipeline's device, without a copy out of DALI.
+    """
 
     def __init__(self, source: ImageSource, data_cfg, *, seed: int, rank: int, world_size: int, start_step: int,
-                 num_steps: int | None, device_id: int | None = None):
+                 num_steps: int | None, device_id: int | None = None,
+                 layout: torch.memory_format = torch.contiguous_format, dtype: torch.dtype = torch.float32):
         require_dali(data_cfg.device)
         if data_cfg.batch_size % world_size:
             raise ValueError(f"global batch {data_cfg.batch_size} does not split evenly over {world_size} ranks")
+        if layout not in (torch.contiguous_format, torch.channels_last):
+            raise ValueError(f"crop layout {layout}; valid: torch.contiguous_format, torch.channels_last")
+        if dtype not in CROP_DTYPES:
+            raise ValueError(f"crop dtype {dtype}; DALI writes {', '.join(map(str, CROP_DTYPES))}")
         self.data_cfg, self.seed = data_cfg, seed
+        self.channels_last, self.dtype = layout == torch.channels_last, dtype
         self.on_gpu = data_cfg.device == "gpu"
         self.device_id = (device_id if device_id is not None else torch.cuda.current_device()) if self.on_gpu else None
         self.feeder = StepFeeder(source, data_cfg.crops, data_cfg.augment, seed=seed, rank=rank,
@@ -320,11 +241,14 @@ class MultiCropPipeline:
         return self
 
     def _build(self):
-        # A failed DALI pipeline cannot run again; a fresh one starts at the step that failed.
+        # A failed DALI pipeline cannot run again; a fresh one (with fresh workers) starts at the step that failed.
         self.feeder.start_step = self.step
         self.pipe = build_pipeline(self.feeder, self.data_cfg.augment, device=self.data_cfg.device,
-                                   device_id=self.device_id, num_threads=self.data_cfg.num_workers, seed=self.seed)
-        self.pipe.build()
+                                   device_id=self.device_id, num_threads=self.data_cfg.num_workers, seed=self.seed,
+                                   feeder_workers=self.data_cfg.feeder_workers, channels_last=self.channels_last,
+                                   dtype=self.dtype)
+        with stop_signals_blocked():
+            self.pipe.build()  # starts the feeder workers
 
     def __next__(self) -> Batch:
         if self.num_steps is not None and self.step >= self.start_step + self.num_steps:
@@ -332,7 +256,8 @@ class MultiCropPipeline:
         if self.pipe is None:
             self._build()
         try:
-            outputs = self.pipe.run()
+            # On the GPU the outputs are ordered on torch's current stream instead of waiting on the host.
+            outputs = self.pipe.run(torch.cuda.current_stream(self.device_id) if self.on_gpu else None)
         except RuntimeError as error:
             self._recover(error)
             return next(self)
@@ -364,19 +289,18 @@ class MultiCropPipeline:
         self.rebuilds += 1
 
     def _to_batch(self, outputs) -> Batch:
-        *crops, labels, indices, replaced = outputs
-        return Batch([to_torch(crop) for crop in crops], to_torch(labels), to_torch(indices),
-                     int(to_torch(replaced).sum()))
+        *crops, sample_ids, host_sample_ids = outputs
+        crops = [as_torch(crop) for crop in crops]
+        if self.channels_last:
+            crops = [crop.permute(0, 3, 1, 2) for crop in crops]  # [B, H, W, 3] memory seen as [B, 3, H, W]
+        sample_ids = as_torch(sample_ids)
+        return Batch(crops, sample_ids[:, 0], sample_ids[:, 1], int(as_torch(host_sample_ids)[:, 2].sum()))
 
 
-def to_torch(tensor_list) -> torch.Tensor:
-    """A copy of a dense DALI batch as a torch tensor on the same device."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+def as_torch(tensor_list) -> torch.Tensor:
+    """A dense DALI batch as a torch tensor on the same device, sharing DALI's memory (DLPack).
 
-    dense = tensor_list.as_tensor()
-    on_gpu = type(dense).__name__ == "TensorGPU"
-    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype],
-                      device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
-    stream = torch.cuda.current_stream() if on_gpu else None
-    feed_ndarray(dense, out, cuda_stream=stream)
-    return out
+    DALI's default executor allocates every iteration's outputs afresh and frees them when the last
+    reference goes, so the tensor stays valid however long it is kept. For a GPU tensor, torch hands
+    its current stream to DALI, which makes that stream wait for the pipeline's work: no host sync."""
+    return torch.from_dlpack(tensor_list.as_tensor())

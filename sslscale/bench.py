@@ -29,7 +29,7 @@ from data_pipelines.batch import Batch
 from data_pipelines.loaders import multicrop_batches
 from sslscale.config import Config
 from sslscale.hardware import device_name, peak_flops
-from sslscale.train import StopSignal, Trainer, destroy_process_group
+from sslscale.train import StopSignal, Trainer, compute_dtype, destroy_process_group
 
 PHASES = ("data", "forward", "backward", "optimizer", "logging")
 MEASUREMENTS = ("step", "data", "end_to_end")
@@ -156,7 +156,8 @@ def run_bench(cfg: Config, *, steps: int, warmup: int, measurements=MEASUREMENTS
 
         def loader():
             return multicrop_batches(trainer.source, cfg.data, seed=cfg.run.seed, rank=trainer.env.rank,
-                                     world_size=trainer.env.world_size, start_step=0, num_steps=steps + warmup)
+                                     world_size=trainer.env.world_size, start_step=0, num_steps=steps + warmup,
+                                     layout=trainer.layout, compute_dtype=compute_dtype(cfg.train.precision))
 
         for name in measurements:
             if name == "step":

@@ -141,11 +141,15 @@ def use_deterministic_kernels() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the model computes in (autocast's), which the input pipeline delivers crops for."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=compute_dtype(precision))
 
 
 def preflight(cfg: Config) -> None:
@@ -407,9 +411,12 @@ class Trainer:
             print(f"{cfg.run_dir} is already at step {progress.step} of {self.end_step}; nothing to train",
                   file=self.stream)
             return self.monitor.state_dict()
+        # Crops arrive in the model's layout and dtype where the backend can (DALI), so that moving the batch
+        # to the device below costs nothing on the GPU path.
         loader = multicrop_batches(self.source, cfg.data, seed=cfg.run.seed, rank=self.env.rank,
                                    world_size=self.env.world_size,
-                                   start_step=progress.step, num_steps=self.end_step - progress.step)
+                                   start_step=progress.step, num_steps=self.end_step - progress.step,
+                                   layout=self.layout, compute_dtype=compute_dtype(cfg.train.precision))
         self.model.train()
         self.monitor.start(progress.step)
         first_step = self.last_check_step = progress.step

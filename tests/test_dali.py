@@ -7,6 +7,7 @@ their own random numbers) within sampling error.
 """
 import io
 import os
+import signal
 import subprocess
 import sys
 
@@ -269,7 +270,9 @@ def jpeg_bytes(array: np.ndarray, mode: str = "RGB", fmt: str = "JPEG") -> bytes
     return out.getvalue()
 
 
-def test_bad_images_are_skipped_and_counted_and_odd_ones_converted(tmp_path):
+def write_bad_image_folder(root):
+    """Eleven files: good ones, odd ones DALI reads after conversion, and four that cannot be read.
+    Returns the source and the indices of the unreadable ones."""
     rng = np.random.default_rng(0)
     photo = photos()[0]
     good = jpeg_bytes(photo[:120, :160])
@@ -288,13 +291,17 @@ def test_bad_images_are_skipped_and_counted_and_odd_ones_converted(tmp_path):
         "09_no_scan.jpg": good[:start_of_scan] + b"\xff\xd9",
         "10_good.jpg": jpeg_bytes(photo[200:300, 100:260]),
     }
-    (tmp_path / "train" / "c").mkdir(parents=True)
+    (root / "train" / "c").mkdir(parents=True)
     for name, data in files.items():
-        (tmp_path / "train" / "c" / name).write_bytes(data)
-    source = image_folder(str(tmp_path / "train"))
+        (root / "train" / "c" / name).write_bytes(data)
+    source = image_folder(str(root / "train"))
     names = [os.path.basename(p) for p in source.paths]
-    unreadable = {names.index(n) for n in ("01_truncated.jpg", "03_text.jpg", "05_empty.jpg", "09_no_scan.jpg")}
+    return source, {names.index(n) for n in ("01_truncated.jpg", "03_text.jpg", "05_empty.jpg", "09_no_scan.jpg")}
 
+
+def test_bad_images_are_skipped_and_counted_and_odd_ones_converted(tmp_path):
+    source, unreadable = write_bad_image_folder(tmp_path)
+    names = [os.path.basename(p) for p in source.paths]
     data_cfg = data_config("data.source=folder", f"data.path={tmp_path}", "data.batch_size=11",
                            "data.crops=[{size: 16, count: 2}]")
     torchvision_batches, dali_batches = both_backends(source, data_cfg, steps=2)
@@ -309,6 +316,103 @@ def test_bad_images_are_skipped_and_counted_and_odd_ones_converted(tmp_path):
         assert torch.equal(tv.index, dali.index)  # the same replacements
         for a, b in zip(tv.crops, dali.crops):
             assert ((a - b).abs() * STD_PIXELS).mean() < 1.0
+
+
+def test_feeder_workers_do_not_change_the_crops_and_replace_unreadable_images_alike(tmp_path, monkeypatch):
+    """The feeder on the training thread, in two forked workers, and in a spawned one (how it starts in a
+    process that has initialised CUDA): the same crops bit for bit, the same replacements and counts, also
+    for the image only DALI's decoder finds unreadable (the pipeline is rebuilt with fresh workers)."""
+    import data_pipelines.dali
+    source, unreadable = write_bad_image_folder(tmp_path)
+    data_cfg = data_config("data.source=folder", f"data.path={tmp_path}", "data.batch_size=11",
+                           "data.crops=[{size: 16, count: 2}]", "data.augment.jitter.p=0.8")
+    kwargs = dict(seed=1, rank=0, world_size=1, start_step=1, num_steps=2)
+    runs = {}
+    for workers, start in ((0, "fork"), (2, "fork"), (1, "spawn")):
+        monkeypatch.setattr(data_pipelines.dali, "worker_start_method", lambda: start)  # noqa: B023
+        data_cfg.feeder_workers = workers
+        pipeline = MultiCropPipeline(source, data_cfg, **kwargs)
+        runs[workers, start] = list(pipeline)
+        assert pipeline.rebuilds == 1  # 09_no_scan.jpg, found by DALI's decoder
+    reference = runs[0, "fork"]
+    for batches in runs.values():
+        for batch, expected in zip(batches, reference, strict=True):
+            assert batch.n_unreadable == 4 and unreadable.isdisjoint(batch.index.tolist())
+            assert torch.equal(batch.index, expected.index) and torch.equal(batch.labels, expected.labels)
+            assert all(torch.equal(a, b) for a, b in zip(batch.crops, expected.crops))
+
+
+STOP_SIGNAL_SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from data_pipelines.dali import MultiCropPipeline
+from data_pipelines.sources import digits
+from sslscale.config import load_config
+
+if __name__ == "__main__":
+    data_cfg = load_config(None, ["data.source=digits", "data.batch_size=8", "data.crops=[{{size: 8, count: 2}}]",
+                                  "data.num_workers=1", "data.feeder_workers=2"]).data
+    batches = iter(MultiCropPipeline(digits("train"), data_cfg, seed=0, rank=0, world_size=1, start_step=0,
+                                     num_steps=12))
+    next(batches)  # the workers run; the handlers below come later, so they do not inherit them
+    received = []
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    os.killpg(0, signal.SIGTERM)  # as SLURM signals every process of a job step
+    os.killpg(0, signal.SIGUSR2)
+    time.sleep(1)
+    print(len(list(batches)), sorted(received))
+"""
+
+
+def test_feeder_workers_outlive_the_stop_signals_the_trainer_handles():
+    result = subprocess.run([sys.executable, "-c", STOP_SIGNAL_SCRIPT.format(repo=REPO)], capture_output=True,
+                            text=True, start_new_session=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[-2] == f"11 {sorted([int(signal.SIGUSR2), int(signal.SIGTERM)])}"
+
+
+def test_crops_arrive_in_the_models_layout_and_dtype_and_moving_them_is_a_no_op(photo_folder):
+    from data_pipelines.loaders import multicrop_batches
+    source = image_folder(str(photo_folder / "train"))
+    data_cfg = data_config("data.source=folder", f"data.path={photo_folder}", "data.batch_size=6",
+                           "data.backend=dali", "data.crops=[{size: 32, count: 2}, {size: 16, count: 1}]")
+    kwargs = dict(seed=2, rank=0, world_size=1, start_step=0, num_steps=3)
+    plain = list(multicrop_batches(source, data_cfg, **kwargs))  # float32 NCHW, what the torchvision backend gives
+    for compute_dtype in (torch.bfloat16, torch.float16):
+        model_ready = list(multicrop_batches(source, data_cfg, **kwargs, layout=torch.channels_last,
+                                             compute_dtype=compute_dtype))
+        for batch, reference in zip(model_ready, plain, strict=True):
+            moved = batch.to(torch.device("cpu"), memory_format=torch.channels_last)
+            for crop, expected, same in zip(batch.crops, reference.crops, moved.crops, strict=True):
+                assert crop.shape == expected.shape and crop.dtype == torch.float16
+                assert crop.is_contiguous(memory_format=torch.channels_last) and expected.is_contiguous()
+                assert torch.equal(crop, expected.half())  # the float32 crops, rounded once
+                assert same is crop
+    # DALI's outputs are kept by the tensors that share them: later steps never overwrite earlier batches.
+    again = list(multicrop_batches(source, data_cfg, **kwargs))
+    assert all(torch.equal(a, b) for x, y in zip(plain, again) for a, b in zip(x.crops, y.crops))
+
+
+def test_gpu_graph_puts_decode_augmentation_and_ids_on_the_gpu(photo_folder):
+    """The GPU pipeline cannot be built without CUDA, but its graph can be traced: the ops and outputs land
+    on the devices they must (mixed decode, GPU augmentation, replacement counts on the host)."""
+    from data_pipelines.dali import build_pipeline
+    from data_pipelines.dali_feeder import StepFeeder
+    data_cfg = data_config("data.source=folder", f"data.path={photo_folder}", "data.batch_size=4",
+                           "data.crops=[{size: 32, count: 2}, {size: 16, count: 1}]", "data.augment.solarize_p=0.2")
+    feeder = StepFeeder(image_folder(str(photo_folder / "train")), data_cfg.crops, data_cfg.augment, seed=0, rank=0,
+                        world_size=1, global_batch=4, start_step=0)
+    pipe = build_pipeline(feeder, data_cfg.augment, device="gpu", device_id=0, num_threads=1, seed=0,
+                          feeder_workers=2, channels_last=True, dtype=torch.float16)
+    pipe._build_graph()  # DALI's own trace of the graph (Python side; pipe.build() would need CUDA)
+    assert [output.device for output in pipe._graph_outputs] == ["gpu"] * 3 + ["gpu", "cpu"]
+    devices = {}
+    for op in pipe._ops:
+        devices.setdefault(op.name.split("_")[2] if op.name.startswith("__") else op.name, set()).add(op._op.device)
+    assert devices["Image"] == {"mixed"} and devices["CropMirrorNormalize"] == {"gpu"}
+    assert devices["Resize"] == devices["GaussianBlur"] == devices["Slice"] == {"gpu"}
+    assert devices["ExternalSource"] == {"cpu"}
 
 
 # ---------------------------------------------------------------------------------------------

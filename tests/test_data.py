@@ -1,11 +1,18 @@
+import io
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_pipelines.config import DataConfig
-from data_pipelines.sources import (RankBatches, SampleStream, build_source, digits, export_image_folder,
-                                    fashion_mnist, file_list, image_folder, random_subset)
+from data_pipelines.dali_feeder import JitterPlan, read_encoded
+from data_pipelines.image_header import encoded_size
+from data_pipelines.loaders import crop_dtype, multicrop_batches
+from data_pipelines.params import HUE
+from data_pipelines.sources import (RankBatches, SampleStream, UnreadableImage, build_source, digits,
+                                    export_image_folder, fashion_mnist, file_list, image_folder, random_subset)
 from data_pipelines.torchvision import MultiCropDataset, collate_multicrop, multicrop_loader
 from sslscale.config import load_config
 
@@ -117,3 +124,98 @@ def test_fashion_mnist_is_read_from_the_debian_package():
     assert train.num_classes == 10 and train.load(0).shape == (3, 28, 28)
     assert torch.bincount(train.labels).tolist() == [6000] * 10
     assert len(build_source(DataConfig(source="fashion_mnist"), "val")) == 10000
+
+
+# ---------------------------------------------------------------------------------------------
+# The DALI feeder's Python side (needs no DALI)
+
+
+def encoded(array, mode="RGB", fmt="JPEG", **save_args) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(out, fmt, **save_args)
+    return out.getvalue()
+
+
+def test_image_header_reads_jpeg_and_png_sizes_as_pillow_does_and_leaves_the_rest_to_it():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # an orientation tag: the stored size is what counts (DALI decodes without rotating)
+    files = [encoded(pixels), encoded(pixels, progressive=True), encoded(pixels, "L"), encoded(pixels, "CMYK"),
+             encoded(pixels, exif=exif.tobytes()), encoded(pixels, "RGBA", "PNG"), encoded(pixels, "L", "PNG")]
+    for data in files:
+        with Image.open(io.BytesIO(data)) as image:
+            assert encoded_size(data) == (image.format, image.height, image.width)
+    good = files[0]
+    for other in (encoded(pixels, fmt="BMP"), encoded(pixels, "P", "GIF"), b"", b"this is not an image",
+                  good[:good.find(b"\xff\xc0")] + b"\xff\xd9",  # a JPEG cut before its frame header
+                  good[:20]):
+        assert encoded_size(other) is None
+
+
+def test_read_encoded_checks_what_would_stop_a_dali_decoder(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    good = encoded(pixels)
+    files = {"good.jpg": good, "png.png": encoded(pixels, "RGBA", "PNG"), "gif.gif": encoded(pixels, "P", "GIF"),
+             "truncated.jpg": good[:len(good) // 2], "truncated.png": encoded(pixels, fmt="PNG")[:200],
+             "empty.jpg": b"", "text.jpg": b"this is not an image"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    image = read_encoded(str(tmp_path / "good.jpg"))
+    assert (image.height, image.width) == (30, 40) and image.payload.tobytes() == good
+    assert (read_encoded(str(tmp_path / "png.png")).height, read_encoded(str(tmp_path / "png.png")).width) == (30, 40)
+    converted = read_encoded(str(tmp_path / "gif.gif"))  # DALI reads no GIF: it gets a BMP
+    assert converted.payload[:2].tobytes() == b"BM" and (converted.height, converted.width) == (30, 40)
+    for name in ("truncated.jpg", "truncated.png", "empty.jpg", "text.jpg"):
+        with pytest.raises(UnreadableImage, match=name):
+            read_encoded(str(tmp_path / name))
+
+
+def per_sample_jitter_plan(plan: JitterPlan, order: np.ndarray, jitter: np.ndarray) -> np.ndarray:
+    """JitterPlan.steps by its definition, one sample at a time."""
+    pre = np.full((len(order), len(plan.blend_ops)), -1)
+    post = np.full_like(pre, -1)
+    for i, sample_order in enumerate(order):
+        if not jitter[i]:
+            continue
+        split = list(sample_order).index(HUE) if plan.hue else len(sample_order)
+        before = [op for op in sample_order[:split] if op in plan.blend_ops]
+        after = [op for op in sample_order[split + 1:] if op in plan.blend_ops]
+        pre[i, :len(before)], post[i, :len(after)] = before, after
+    columns = [(pre if where == "pre" else post)[:, j] == op for where, j in plan.slots for op in plan.blend_ops]
+    return np.stack(columns, 1) if columns else np.zeros((len(order), 0), bool)
+
+
+@pytest.mark.parametrize("zeroed", [[], ["hue"], ["contrast"], ["brightness", "saturation"],
+                                    ["brightness", "contrast", "saturation"]])
+def test_jitter_plan_of_a_whole_batch_equals_its_per_sample_definition(zeroed):
+    spec = load_config(None, [f"data.augment.jitter.{name}=0" for name in zeroed]).data.augment
+    plan = JitterPlan(spec)
+    rng = np.random.default_rng(len(zeroed))
+    order = np.argsort(rng.random((500, 4)), axis=1)
+    jitter = rng.random(500) < 0.8
+    steps = plan.steps(order, jitter)
+    assert steps.shape == (500, len(plan.input_names()))
+    assert np.array_equal(steps, per_sample_jitter_plan(plan, order, jitter))
+
+
+def test_crops_are_asked_for_in_the_compute_dtype_dali_can_write():
+    assert crop_dtype(torch.float32) == torch.float32
+    assert crop_dtype(torch.float16) == torch.float16
+    assert crop_dtype(torch.bfloat16) == torch.float16  # DALI writes no bfloat16
+    with pytest.raises(ValueError, match="float64"):
+        crop_dtype(torch.float64)
+
+
+def test_a_negative_number_of_feeder_workers_is_refused():
+    from sslscale.config import ConfigError
+    with pytest.raises(ConfigError, match="data.feeder_workers: -1; must be >= 0"):
+        load_config(None, ["data.feeder_workers=-1"])
+
+
+def test_torchvision_batches_stay_float32_nchw_whatever_the_model_computes_in():
+    cfg = load_config(None, ["data.source=digits", "data.batch_size=4", "data.num_workers=0",
+                             "data.augment.blur_p=0", "data.crops=[{size: 8, count: 2}]"])
+    batch = next(iter(multicrop_batches(digits("train"), cfg.data, seed=0, rank=0, world_size=1, start_step=0,
+                                        num_steps=1, layout=torch.channels_last, compute_dtype=torch.bfloat16)))
+    assert all(c.dtype == torch.float32 and c.is_contiguous() for c in batch.crops)
