@@ -41,9 +41,10 @@ class RankAgreement:
 
 
 def has_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """1.0 if any element of any tensor is inf or NaN (one foreach norm pass), else 0.0, on their device."""
+    """1.0 if any element of any tensor is inf or NaN (one foreach max-norm pass, which cannot overflow as a
+    sum of squares can), else 0.0, on their device."""
     from sslscale.optim import local
-    norms = torch.stack(torch._foreach_norm([local(t) for t in tensors]))
+    norms = torch.stack(torch._foreach_norm([local(t) for t in tensors], ord=float("inf")))
     return (~torch.isfinite(norms).all()).float()
 
 

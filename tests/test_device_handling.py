@@ -65,3 +65,10 @@ def test_schedule_values_are_logged_as_python_numbers(tiny_config):
         _, logs = model(crops, 0)
         assert isinstance(logs[key], float)
         assert all(isinstance(v, float) or v.device == crops[0].device for v in logs.values())
+
+
+def test_non_finite_detection_sees_nan_and_inf_but_not_large_finite_values():
+    ok = [torch.ones(3), torch.tensor([1e30, -1e30])]  # a sum of squares of these would overflow to inf
+    assert step_checks.has_nonfinite(ok).item() == 0.0
+    assert step_checks.has_nonfinite([*ok, torch.tensor([float("nan")])]).item() == 1.0
+    assert step_checks.has_nonfinite([*ok, torch.tensor([-float("inf")])]).item() == 1.0
