@@ -1,4 +1,4 @@
-"""`sslscale pretrain | plan | bench | linear-eval | knn | export | prepare-data | preview`.
+"""`sslscale pretrain | plan | bench | linear-eval | knn | export | prepare-data | preview | recipes`.
 
 Errors a user can fix (bad config, missing data, mismatched checkpoint) print one clear message and
 exit with status 2; a run stopped by SIGTERM / SIGUSR2 exits with EXIT_STOPPED_FOR_REQUEUE after
@@ -146,26 +146,56 @@ def _prepare_data(args) -> int:
 
 def _preview(args) -> int:
     from data_pipelines.loaders import multicrop_batches
-    from data_pipelines.preview import crop_grid, save_png
+    from data_pipelines.preview import crop_grid, sample_photos, save_png
     from data_pipelines.sources import build_source
     from sslscale.config import ConfigError, load_config
+    if args.images < 1:
+        raise ConfigError([f"--images: {args.images}; must be >= 1"])
     cfg = load_config(args.config, args.overrides)
-    problems = [f"data.{p}" for p in cfg.data.check_machine()]
-    if problems:
-        raise ConfigError(problems)
-    source = build_source(cfg.data, "train")
+    if args.sample_photos:
+        # Any recipe, without its data or a GPU: the same crops on two bundled photos, on the CPU.
+        source = sample_photos(args.images * (args.step + 1))
+        cfg.data.backend, cfg.data.device, cfg.data.num_workers = "torchvision", "cpu", 0
+    else:
+        problems = [f"data.{p}" for p in cfg.data.check_machine()]
+        if problems:
+            raise ConfigError(problems)
+        source = build_source(cfg.data, "train")
     cfg.data.batch_size = min(args.images, len(source))
     batch = next(iter(multicrop_batches(source, cfg.data, seed=cfg.run.seed, rank=0, world_size=1,
                                         start_step=args.step, num_steps=1)))
-    save_png(crop_grid(batch, cfg.data.augment.mean, cfg.data.augment.std, args.images), args.output)
+    sources = [source.load(int(i)) for i in batch.index]
+    save_png(crop_grid(batch, cfg.data.augment.mean, cfg.data.augment.std, args.images, sources, source.classes),
+             args.output)
     print(f"wrote {args.output}: {len(batch.index)} images x {len(batch.crops)} crops from stream position "
-          f"{args.step * cfg.data.batch_size} ({cfg.data.backend} backend); rows are images, columns crops")
+          f"{args.step * cfg.data.batch_size} ({cfg.data.backend} backend"
+          + (", scikit-learn's sample photos" if args.sample_photos else "")
+          + "); rows are images (the source first), columns crops")
     return 0
+
+
+def _recipes(args) -> int:
+    from sslscale.recipes import CONFIGS_DIR, list_recipes
+    recipes = list_recipes()
+    width = max(len(name) for name, _ in recipes)
+    for name, line in recipes:
+        print(f"{name:<{width}}  {line}")
+    print(f"({len(recipes)} recipes in {os.path.relpath(CONFIGS_DIR)}; `sslscale plan configs/NAME.yaml` says more)")
+    return 0
+
+
+def version_line() -> str:
+    import torch
+
+    import sslscale
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+    return f"sslscale {sslscale.__version__} (torch {torch.__version__}, {cuda})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslscale", description="Self-supervised pretraining: DISSL, CISSL, "
                                      "SimCLR, DINO; linear probing of frozen trunks.")
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("pretrain", help="train a run (or resume it: same command, same run folder)")
@@ -225,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=8, help="rows (images) in the grid")
     p.add_argument("--step", type=int, default=0,
                    help="show stream images step*N .. step*N+N-1 (N = --images) instead of the first N")
+    p.add_argument("--sample-photos", action="store_true",
+                   help="crop scikit-learn's two sample photos instead of the recipe's data (no data set needed)")
     p.set_defaults(func=_preview)
+
+    p = commands.add_parser("recipes", help="the recipes in configs/, one line each")
+    p.set_defaults(func=_recipes)
     return parser
 
 

@@ -466,7 +466,10 @@ class Trainer:
 
     def show_crops(self, batch, step: int) -> None:
         """What the model sees, at the start of every (re)start: crops.png in the run folder and TensorBoard."""
-        grid = crop_grid(batch, self.cfg.data.augment.mean, self.cfg.data.augment.std)
+        shown = min(len(batch.index), 8)
+        sources = [self.source.load(int(i)) for i in batch.index[:shown]]
+        grid = crop_grid(batch, self.cfg.data.augment.mean, self.cfg.data.augment.std, shown, sources,
+                         self.source.classes)
         save_png(grid, os.path.join(self.cfg.run_dir, "crops.png"))
         self.monitor.image("data/crops", grid, step)
 

@@ -1,6 +1,11 @@
 import os
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
+
+from data_pipelines.preview import HEADER, PAD
 
 from sslscale.cli import main
 from sslscale.models import ResNetTrunk
@@ -37,3 +42,27 @@ def test_prepare_data_writes_an_image_folder_that_trains(tmp_path, capsys):
 def test_linear_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["linear-eval", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_preview_of_an_imagenet_recipe_on_the_sample_photos_needs_no_data(tmp_path, capsys):
+    out = tmp_path / "crops.png"
+    assert main(["preview", os.path.join(REPO, "configs", "dissl_resnet50_d8192_e800_m8.yaml"), str(out),
+                 "--images", "2", "--sample-photos"]) == 0
+    assert "sample photos" in capsys.readouterr().out
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (HEADER + PAD + 2 * (224 + PAD), PAD + 9 * (224 + PAD), 3)  # source + 2x224 + 6x96 (x2)
+    small = grid[HEADER + PAD:HEADER + PAD + 192, PAD + 3 * (224 + PAD):PAD + 3 * (224 + PAD) + 192]
+    assert (small[::2, ::2] == small[1::2, 1::2]).all()  # a 96-px crop shown at twice its size, pixel by pixel
+
+
+def test_version_and_the_list_of_recipes(capsys):
+    import sslscale
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and f"sslscale {sslscale.__version__} (torch " in capsys.readouterr().out
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    recipes = {line.split()[0]: line for line in lines[:-1]}
+    assert len(recipes) == len(os.listdir(os.path.join(REPO, "configs")))
+    assert "crops 2x224 + 6x96, batch 2560" in recipes["dissl_resnet50_d8192_e800_m8"]
+    assert recipes["quickstart"].split()[1] == "dissl" and lines[-1].startswith(f"({len(recipes)} recipes")

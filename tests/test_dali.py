@@ -19,6 +19,7 @@ from PIL import Image
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e '.[dali]')")
 
 from data_pipelines.dali import BackendUnavailable, MultiCropPipeline, require_dali  # noqa: E402
+from data_pipelines.preview import HEADER, MIN_CELL, PAD  # noqa: E402
 from data_pipelines.sources import ArraySource, image_folder  # noqa: E402
 from data_pipelines.torchvision import multicrop_loader  # noqa: E402
 from sslscale.config import ConfigError, load_config  # noqa: E402
@@ -459,7 +460,8 @@ def test_trainer_runs_on_dali_from_jpegs_and_shows_its_crops(tiny_config, photo_
     summary = pretrain(cfg)
     assert np.isfinite(summary["last"]["loss"])
     grid = Image.open(os.path.join(cfg.run_dir, "crops.png"))
-    assert grid.size == (2 + 4 * 18, 2 + 8 * 18)  # 4 crops per row, 8 rows, 16-px cells + 2-px gaps
+    cell = MIN_CELL + PAD  # the crops enlarged to the smallest cell, and a gap
+    assert grid.size == (PAD + 5 * cell, HEADER + PAD + 8 * cell)  # the source and 4 crops per row, 8 rows
     events = EventAccumulator(os.path.join(cfg.run_dir, "tb"), size_guidance={"images": 0}).Reload()
     assert [e.step for e in events.Images("data/crops")] == [0, 2]
 
@@ -470,4 +472,5 @@ def test_preview_command_writes_the_crop_grid(tmp_path):
                              os.path.join(REPO, "configs", "quickstart.yaml"), str(out), "data.backend=dali",
                              "--images", "4"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    assert Image.open(out).size == (2 + 2 * 30, 2 + 4 * 30)  # two 28-px crops per image
+    cell = MIN_CELL + PAD
+    assert Image.open(out).size == (PAD + 3 * cell, HEADER + PAD + 4 * cell)  # the source and two crops per image
