@@ -14,6 +14,21 @@ import torch
 from sslscale import step_checks
 
 
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"optim.base_lr": 0.3, ...}: the values TensorBoard's hyper-parameters take (numbers, text, booleans);
+    lists and empty values become their text."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
@@ -48,13 +63,25 @@ class Monitor:
             return None
         return images_per_s * self._flops_per_image / (self._peak_flops * self._devices)
 
-    def start(self, step: int) -> None:
-        """Open the event file and the first timing window, just before the first step."""
+    def start(self, step: int, config: dict | None = None) -> None:
+        """Open the event file and the first timing window, just before the first step. `config`: the resolved
+        config, shown in TensorBoard as text and as hyper-parameters (the HPARAMS tab, next to the loss)."""
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step drops events that a killed run wrote after its last checkpoint.
             self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=step + 1)
+            if config is not None:
+                self._write_config(config, step)
         self._reset_window(time.perf_counter())
+
+    def _write_config(self, config: dict, step: int) -> None:
+        import yaml
+        from torch.utils.tensorboard.summary import hparams
+        text = yaml.safe_dump(config, sort_keys=False)
+        self.writer.add_text("config", "    " + text.replace("\n", "\n    "), step)  # indented: markdown code
+        flat = flatten(config)
+        for summary in hparams(flat, {"loss/loss": 0.0}):
+            self.writer.file_writer.add_summary(summary, step)
 
     def _reset_window(self, now: float) -> None:
         self._sums: dict[str, torch.Tensor] = {}

@@ -418,7 +418,7 @@ class Trainer:
                                    start_step=progress.step, num_steps=self.end_step - progress.step,
                                    layout=self.layout, compute_dtype=compute_dtype(cfg.train.precision))
         self.model.train()
-        self.monitor.start(progress.step)
+        self.monitor.start(progress.step, config=cfg.to_dict())
         first_step = self.last_check_step = progress.step
         self.reported_nonfinite = progress.nonfinite.state_dict()["nonfinite_total"]
         rankme = rankme_tracker(cfg, self.core.encoder, self.env.world_size, first_step)

@@ -193,6 +193,15 @@ def test_evaluation_of_a_run_compares_with_random_init_and_writes_json(tiny_conf
     assert "pretrained" in out and "random_init" in out and "label-free signals" in out and "RankMe" in out
     with open(os.path.join(cfg.run_dir, "eval", "linear.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(cfg.run_dir, "tb"))
+    events.Reload()
+    linear = events.Scalars("eval/pretrained/linear_top1")
+    assert [(e.step, e.value) for e in linear] == [(3, pytest.approx(report["results"]["pretrained"]["linear"]["best"]
+                                                                     ["test"]["top1"]))]
+    assert events.Scalars("eval/random_init/rankme")[0].value == pytest.approx(
+        report["results"]["random_init"]["rankme"]["value"])
+    assert "eval/pretrained/knn_k20_top1" in events.Tags()["scalars"]
 
 
 def test_evaluating_a_run_without_checkpoints_is_a_clear_error(tiny_config):

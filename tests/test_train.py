@@ -48,6 +48,13 @@ def test_a_run_writes_its_folder_checkpoints_and_tensorboard_scalars(tiny_config
         assert tag in tags
     assert [e.step for e in events.Scalars("loss/loss")] == [1, 2, 3, 4, 5]
     assert set(summary["last"]) >= {"H_M", "H_M_given_Z"}
+    # the resolved config, as text and as hyper-parameters
+    config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "base_lr: 0.1" in config_text and "teacher_head: imagenet_d2048" in config_text
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    plugin = events.summary_metadata["_hparams_/session_start_info"].plugin_data.content
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(plugin).session_start_info.hparams
+    assert hparams["optim.base_lr"].number_value == 0.1 and hparams["objective.name"].string_value == "dissl"
 
 
 @pytest.mark.parametrize("objective, extra", [

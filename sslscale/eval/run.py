@@ -207,6 +207,9 @@ def evaluate(cfg: Config, *, trunk_file: str | None = None, eval_dir: str | None
     os.replace(path + ".tmp", path)
     print(format_report(report, cfg), file=stream, flush=True)
     print(f"wrote {path}", file=stream)
+    if not trunk_file:
+        from sslscale.eval.tensorboard import log_report
+        log_report(report, cfg.run_dir)
     if cfg.eval.linear.enabled:
         from sslscale.eval.plot import plot_sweep
         picture = os.path.join(eval_dir, os.path.splitext(output)[0] + ".png")
