@@ -20,12 +20,19 @@ EXIT_USER_ERROR = 2
 def pretrain_then_probe(cfg) -> None:
     """Pretrain, then (eval.after_pretrain) probe the frozen trunk. The probe is a single-process job:
     under torchrun / srun / submitit only rank 0 runs it."""
+    from sslscale.console import console_log
     from sslscale.distributed import read_env
     from sslscale.eval.run import evaluate_run
     from sslscale.train import pretrain
-    pretrain(cfg)
-    if cfg.eval.after_pretrain and read_env().is_main:
-        evaluate_run(cfg, single_process=True)
+    is_main = read_env().is_main
+    with console_log(cfg.run_dir, is_main, " ".join(sys.argv)) as log_only:
+        try:
+            pretrain(cfg)
+            if cfg.eval.after_pretrain and is_main:
+                evaluate_run(cfg, single_process=True)
+        except BaseException as error:  # the reason a run ended belongs in its log; main() prints it
+            log_only(f"ended: {type(error).__name__}: {error}")
+            raise
 
 
 def _pretrain(args) -> int:
@@ -264,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_env_or_main() -> bool:
+    """Whether this process is rank 0 (launcher variables that make no sense count as rank 0: it must speak)."""
+    from sslscale.distributed import read_env
+    try:
+        return read_env().is_main
+    except DistributedSetupError:
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     from sslscale.config import ConfigError
     from sslscale.train import EXIT_STOPPED_FOR_REQUEUE, StoppedForRequeue, TooManyNonFiniteLosses
@@ -276,14 +292,18 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # Under torchrun or srun every rank meets the same bad config or checkpoint: rank 0 says it, once.
+    is_main = read_env_or_main()
     try:
         return args.func(args)
     except (ConfigError, CheckpointMismatch, DistributedSetupError, FileNotFoundError, FileExistsError,
             TrunkFileError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if is_main:
+            print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except StoppedForRequeue as stop:
-        print(str(stop), file=sys.stderr)
+        if is_main:
+            print(str(stop), file=sys.stderr)
         return EXIT_STOPPED_FOR_REQUEUE
     except (TooManyNonFiniteLosses, RankFailure) as error:
         print(f"error: {error}", file=sys.stderr)

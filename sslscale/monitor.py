@@ -47,6 +47,7 @@ class Monitor:
         self.global_batch, self.log_every = global_batch, log_every
         self.writer = None
         self._flops_per_image = self._peak_flops = None
+        self._first_logged = None  # the first step after start(), always logged
         self._devices = 1
         self._reset_window(time.perf_counter())
         # First and last window averages of every scalar: the label-free signals of learning.
@@ -72,6 +73,7 @@ class Monitor:
             self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=step + 1)
             if config is not None:
                 self._write_config(config, step)
+        self._first_logged = step + 1
         self._reset_window(time.perf_counter())
 
     def _write_config(self, config: dict, step: int) -> None:
@@ -101,7 +103,8 @@ class Monitor:
         self._count += 1
         self._data_seconds += data_seconds
         done = step + 1
-        if done % self.log_every and done != self.end_step:
+        # Every log_every steps, the last step, and the first step after a (re)start: a line within seconds.
+        if done % self.log_every and done != self.end_step and done != self._first_logged:
             return
         now = time.perf_counter()
         elapsed = max(now - self._window_start, 1e-9)

@@ -29,7 +29,8 @@ from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signatur
 from sslscale.config import Config, ConfigError, dump_config, load_config
 from sslscale.distributed import (AllGatherWithGrad, DistEnv, PeerWatch, RankFailure, destroy_process_group,
                                   init_process_group, is_collective_failure, local_gpu_index, read_env)
-from sslscale.hardware import peak_flops
+import sslscale
+from sslscale.hardware import device_name, peak_flops
 from sslscale.model import build_model
 from sslscale.monitor import Monitor
 from sslscale.optim import build_optimizer, build_schedule, match_state_layout
@@ -245,6 +246,25 @@ class Trainer:
         self.small_parts = {"scaler": self.scaler, "progress": self.progress, "monitor": self.monitor}
         self.rng = RNGStates()
 
+    def banner(self) -> str:
+        """Where this run is and what it runs on, before its first step (rank 0)."""
+        cfg, progress = self.cfg, self.progress
+        start = "a new run" if progress.step == 0 else f"resumed at step {progress.step}"
+        workers = (f"{cfg.data.feeder_workers} feeder workers" if cfg.data.backend == "dali"
+                   else f"{cfg.data.num_workers} loader workers")
+        parameters = sum(p.numel() for p in self.core.parameters())
+        if self.sharded:
+            parameters = sum(self.plan.get("params", {}).values()) or parameters
+        return "\n".join([
+            f"sslscale {sslscale.__version__}: pretraining {cfg.run_dir}, {start}; steps {progress.step} -> "
+            f"{self.end_step} of {math.ceil(cfg.train.epochs * len(self.source) / self.global_batch)}",
+            f"  on {device_name(self.device)}, {self.env.world_size} process(es) ({cfg.dist.strategy}), "
+            f"{cfg.train.precision}; data {cfg.data.source} ({len(self.source):,} images) through "
+            f"{cfg.data.backend} on {cfg.data.device} ({workers}); {parameters:,} parameters",
+            f"  TensorBoard: tensorboard --logdir {os.path.join(cfg.run_dir, 'tb')}; console log: "
+            f"{os.path.join(cfg.run_dir, 'console.log')}; checkpoints every {cfg.checkpoint.every_steps} steps in "
+            f"{self.checkpointer.dir}"])
+
     def show_plan(self) -> None:
         """What this run will do (sslscale plan), on the console and in plan.json of the run folder."""
         path = os.path.join(self.cfg.run_dir, "plan.json")
@@ -407,6 +427,8 @@ class Trainer:
         """Train from the newest checkpoint to end_step. Returns the monitor's summaries."""
         self.restore()
         progress, cfg = self.progress, self.cfg
+        if self.env.is_main:
+            print(self.banner(), file=self.stream, flush=True)
         if progress.step >= self.end_step:
             print(f"{cfg.run_dir} is already at step {progress.step} of {self.end_step}; nothing to train",
                   file=self.stream)

@@ -66,3 +66,32 @@ def test_version_and_the_list_of_recipes(capsys):
     assert len(recipes) == len(os.listdir(os.path.join(REPO, "configs")))
     assert "crops 2x224 + 6x96, batch 2560" in recipes["dissl_resnet50_d8192_e800_m8"]
     assert recipes["quickstart"].split()[1] == "dissl" and lines[-1].startswith(f"({len(recipes)} recipes")
+
+
+def test_a_run_starts_with_a_banner_says_its_first_step_at_once_and_keeps_its_console(tmp_path, capsys):
+    assert main(["pretrain", QUICKSTART, *tiny_overrides(tmp_path), "train.max_steps=3", "train.log_every_steps=50",
+                 "eval.after_pretrain=false"]) == 0
+    out = capsys.readouterr().out
+    run_dir = os.path.join(tmp_path, "tiny")
+    assert f"pretraining {run_dir}, a new run; steps 0 -> 3" in out
+    assert "TensorBoard: tensorboard --logdir" in out and "1,497 images" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == ["1/3", "3/3"]  # first, last
+    with open(os.path.join(run_dir, "console.log")) as f:
+        log = f.read()
+    assert log.startswith("=== ") and "plan of" in log and "step 3/3" in log
+    assert main(["pretrain", QUICKSTART, *tiny_overrides(tmp_path), "train.max_steps=4", "eval.after_pretrain=false",
+                 "model.width=16"]) == 2  # a second start appends to the log, with the error that ended it
+    with open(os.path.join(run_dir, "console.log")) as f:
+        log = f.read()
+    assert log.count("=== ") == 2 and "ended: CheckpointMismatch" in log and "model.width" in log
+
+
+def test_under_a_launcher_only_rank_0_reports_a_bad_config(tmp_path, capsys, monkeypatch):
+    bad = ["pretrain", QUICKSTART, *tiny_overrides(tmp_path), "optim.base_lrr=1"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(bad) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(bad) == 2
+    assert capsys.readouterr().err.count("unknown key optim.base_lrr") == 1
