@@ -1,4 +1,4 @@
-"""`sslscale pretrain | plan | bench | linear-eval | knn | export | prepare-data | preview | recipes`.
+"""`sslscale pretrain | plan | bench | linear-eval | knn | export | prepare-data | imagenet-val | preview | recipes`.
 
 Errors a user can fix (bad config, missing data, mismatched checkpoint) print one clear message and
 exit with status 2; a run stopped by SIGTERM / SIGUSR2 exits with EXIT_STOPPED_FOR_REQUEUE after
@@ -151,6 +151,23 @@ def _prepare_data(args) -> int:
     return 0
 
 
+def _imagenet_val(args) -> int:
+    from data_pipelines.imagenet_val import read_labels, sort_into_class_folders
+    from sslscale.config import ConfigError
+    for path in (args.val_dir, args.labels, *([args.train_dir] if args.train_dir else [])):
+        if not os.path.exists(path):
+            raise ConfigError([f"{path} does not exist"])
+    train_classes = sorted(e.name for e in os.scandir(args.train_dir) if e.is_dir()) if args.train_dir else None
+    try:
+        counts = sort_into_class_folders(args.val_dir, read_labels(args.labels), train_classes, args.dry_run)
+    except ValueError as error:
+        raise ConfigError([str(error)]) from None
+    verb = "would move" if args.dry_run else "moved"
+    print(f"{verb} {counts['moved']} images into class folders of {args.val_dir}; {counts['in_place']} were in place"
+          + (f"; {counts['missing']} listed images are nowhere" if counts["missing"] else ""))
+    return 0 if not counts["missing"] else EXIT_USER_ERROR
+
+
 def _preview(args) -> int:
     from data_pipelines.loaders import multicrop_batches
     from data_pipelines.preview import crop_grid, sample_photos, save_png
@@ -254,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-path", default=None, help="where the source's files are (fashion_mnist)")
     p.add_argument("--limit", type=int, default=None, help="write at most this many images per split")
     p.set_defaults(func=_prepare_data)
+
+    p = commands.add_parser("imagenet-val", help="sort ImageNet's flat val folder into class folders")
+    p.add_argument("val_dir", help="the folder of ILSVRC2012_val_*.JPEG")
+    p.add_argument("labels", help="LOC_val_solution.csv (Kaggle) or a 'file class' list")
+    p.add_argument("--train-dir", default=None, help="train/: every class must be one of its folders")
+    p.add_argument("--dry-run", action="store_true", help="say what would move, move nothing")
+    p.set_defaults(func=_imagenet_val)
 
     p = commands.add_parser("preview", help="write a PNG of the crops a config feeds the model")
     p.add_argument("config")

@@ -95,3 +95,28 @@ def test_under_a_launcher_only_rank_0_reports_a_bad_config(tmp_path, capsys, mon
     monkeypatch.setenv("RANK", "0")
     assert main(bad) == 2
     assert capsys.readouterr().err.count("unknown key optim.base_lrr") == 1
+
+
+def test_imagenet_val_is_sorted_into_the_class_folders_of_train(tmp_path, capsys):
+    val, train = tmp_path / "val", tmp_path / "train"
+    val.mkdir()
+    for wnid in ("n01440764", "n01443537"):
+        (train / wnid).mkdir(parents=True)
+    names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (1, 2, 3)]
+    for name in names:
+        (val / name).write_bytes(b"jpeg")
+    solution = tmp_path / "LOC_val_solution.csv"
+    solution.write_text("ImageId,PredictionString\n" + "".join(
+        f"{name[:-5]},{wnid} 1 2 3 4 {wnid} 5 6 7 8\n" for name, wnid in zip(names, ["n01440764", "n01443537",
+                                                                                     "n01440764"])))
+    args = ["imagenet-val", str(val), str(solution), "--train-dir", str(train)]
+    assert main([*args, "--dry-run"]) == 0 and "would move 3 images" in capsys.readouterr().out
+    assert sorted(os.listdir(val)) == names  # nothing moved
+    assert main(args) == 0 and "moved 3 images" in capsys.readouterr().out
+    assert sorted(os.listdir(val / "n01440764")) == [names[0], names[2]] and os.listdir(val / "n01443537") == [names[1]]
+    assert main(args) == 0 and "moved 0 images into class folders" in capsys.readouterr().out  # again: all in place
+    listing = tmp_path / "labels.txt"
+    listing.write_text(f"{names[0]} n99999999\n")
+    (val / "n01440764" / names[0]).rename(val / names[0])
+    assert main(["imagenet-val", str(val), str(listing), "--train-dir", str(train)]) == 2
+    assert "classes of the label file are not class folders of train" in capsys.readouterr().err
