@@ -10,7 +10,9 @@ images, two 28-px crops each), then the quickstart's probes (linear on 20,000 la
 on 10 labels per class, kNN). For a seed every objective starts from the same random trunk, which is probed
 once; RankMe of the train features is shown too, a label-free measure. Writes table1_fashion_mnist.md (mean
 and standard deviation over seeds), .png (bar plot) and .json
-(every run) to --out, with the commit and the machine they came from.
+(every run) to --out, with the commit and the machine they came from, and quickstart_results.md: the DISSL
+runs are the quickstart (configs/quickstart.yaml under another run name), seed by seed next to the random
+trunk. Both tables in README are these files. --from-json renders them again from a .json of an earlier run.
 """
 from __future__ import annotations
 
@@ -98,6 +100,34 @@ def markdown(rows: dict, seeds: list[int], where: str) -> str:
     return "\n".join(lines)
 
 
+def quickstart_markdown(runs: list[dict], where: str) -> str:
+    """README's quickstart table: every seed of the DISSL runs (the quickstart config) next to the same trunk at
+    its random initialisation."""
+    randoms = {r["seed"]: r["results"]["random_init"] for r in runs if "random_init" in r["results"]}
+    lines = [f"Measured by `python benchmarks/table1_study.py` ({where}).", "",
+             "| probe (test top-1, %) | seed | pretrained | random init | gain |", "|---|---|---|---|---|"]
+    for probe in ("linear", "linear_10_per_class", "knn"):
+        for i, run in enumerate(r for r in runs if r["objective"] == "dissl"):
+            mine, random = run["results"]["pretrained"][probe], randoms[run["seed"]][probe]
+            lines.append(f"| {PROBES[probe] if i == 0 else ''} | {run['seed']} | {mine:.1f} | {random:.1f} | "
+                         f"{mine - random:+.1f} |")
+    minutes = [r["seconds_pretrain"] / 60 for r in runs if r["objective"] == "dissl"]
+    lines += ["", f"Pretraining took {min(minutes):.1f}-{max(minutes):.1f} minutes per seed on that machine."]
+    return "\n".join(lines)
+
+
+def write_outputs(runs: list[dict], seeds: list[int], where: str, out: str) -> str:
+    rows = summarise(runs)
+    table = markdown(rows, seeds, where)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table1_fashion_mnist.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, "quickstart_results.md"), "w") as f:
+        f.write(quickstart_markdown(runs, where) + "\n")
+    bar_plot(rows, seeds, where, os.path.join(out, "table1_fashion_mnist.png"))
+    return table
+
+
 def bar_plot(rows: dict, seeds: list[int], where: str, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -127,7 +157,14 @@ def main() -> None:
     parser.add_argument("--root", default=os.path.join(REPO, "checkpoints", "table1_study"),
                         help="where the run folders go")
     parser.add_argument("--out", default=os.path.join(REPO, "docs"), help="where the table and the plot go")
+    parser.add_argument("--from-json", default=None, help="render the tables and the plot from this .json of an "
+                        "earlier run instead of training")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print(write_outputs(saved["runs"], saved["seeds"], saved["provenance"], args.out))
+        return
     if len(args.seeds) < 2:
         parser.error("--seeds: give at least two, the table reports a standard deviation")
     runs = []
@@ -138,16 +175,11 @@ def main() -> None:
             print(f"seed {seed} {objective}: " + ", ".join(f"{p} {v:.1f}" for p, v in
                                                           result["results"]["pretrained"].items())
                   + f" ({result['seconds_pretrain']:.0f} s pretraining)", flush=True)
-    rows = summarise(runs)
     where = provenance()
-    table = markdown(rows, args.seeds, where)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "table1_fashion_mnist.md"), "w") as f:
-        f.write(table + "\n")
     with open(os.path.join(args.out, "table1_fashion_mnist.json"), "w") as f:
         json.dump({"provenance": where, "seeds": args.seeds, "runs": runs}, f, indent=2)
-    bar_plot(rows, args.seeds, where, os.path.join(args.out, "table1_fashion_mnist.png"))
-    print(table)
+    print(write_outputs(runs, args.seeds, where, args.out))
 
 
 if __name__ == "__main__":
