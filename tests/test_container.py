@@ -374,7 +374,11 @@ def test_a_job_in_a_pyxis_container_is_signalled_at_its_time_limit_requeues_itse
     assert "restart 1" in job and f"from step_{int(stop.group(1)):09d}" in job and "Job completed successfully" in job
     with open(log) as f:
         starts = [json.loads(line) for line in f]
-    assert [s["restart"] for s in starts] == ["0", "1"]  # the first run and the requeued one, both in the container
+    # Every start went through the container: the first run and each requeued one. How many requeues it
+    # takes depends on how fast the task trains under load (the run is sized on the fastest interval of a
+    # calibration), so at least one and consecutive, not exactly one.
+    restarts = [s["restart"] for s in starts]
+    assert len(restarts) >= 2 and restarts == [str(i) for i in range(len(restarts))], restarts
     assert Checkpointer(str(run_dir), 5).load_latest()[0]["progress"]["step"] == steps
 
 
