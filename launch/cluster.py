@@ -27,7 +27,8 @@ def _run(command: list[str]) -> str:
                                  "same job shape on this machine)")
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
-        raise ClusterUnavailable(f"{' '.join(command)} failed: {result.stderr.strip()}")
+        last_line = (result.stderr.strip().splitlines() or ["no message"])[-1]  # SLURM's tools end on the reason
+        raise ClusterUnavailable(f"{' '.join(command)} failed: {last_line}")
     return result.stdout
 
 

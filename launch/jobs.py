@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import zlib
 
@@ -62,15 +63,23 @@ class PretrainJob(submitit.helpers.Checkpointable):
         self.config_path, self.max_crash_retries = config_path, max_crash_retries
         self.crashes = 0
 
+    requeue_behaviour = ("on SIGUSR2 (time limit) it saves and requeues the job; on SIGTERM alone it saves and "
+                         "fails; after a crash it requeues at most slurm.max_crash_retries times")
+
+    def command(self, python: str) -> str:
+        """The command line that does what this job does (`sslscale pretrain` of the run's saved config)."""
+        return f"{python} -m sslscale.cli pretrain {shlex.quote(self.config_path)}"
+
     def __call__(self) -> str:
         from sslscale.checkpoint import CheckpointMismatch
-        from sslscale.config import ConfigError, load_config
+        from sslscale.config import ConfigError
         from sslscale.distributed import DistributedSetupError
+        from sslscale.run_folder import load_run_config
         from sslscale.cli import pretrain_then_probe
         from sslscale.train import StoppedForRequeue, TooManyNonFiniteLosses
         env = submitit.JobEnvironment()
         export_rank_variables(env)
-        cfg = load_config(self.config_path)
+        cfg = load_run_config(os.path.dirname(self.config_path))  # the folder is the run, wherever it now is
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
         print(f"job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}: pretraining "
               f"{cfg.run_dir} (restart {restarts}, crashes so far {self.crashes})", flush=True)
@@ -103,13 +112,20 @@ class EvalJob(submitit.helpers.Checkpointable):
     def __init__(self, run_dir: str, overrides: list[str]):
         self.run_dir, self.overrides = run_dir, list(overrides)
 
+    requeue_behaviour = ("on SIGUSR2 (time limit) it saves the finished feature blocks and requeues the job; "
+                         "the requeued job reuses them")
+
+    def command(self, python: str) -> str:
+        """The command line that does what this job does (`sslscale linear-eval` of the run folder)."""
+        return f"{python} " + shlex.join(["-m", "sslscale.cli", "linear-eval", self.run_dir, *self.overrides])
+
     def __call__(self) -> dict | str | None:
-        from sslscale.config import load_config
         from sslscale.eval.run import evaluate
+        from sslscale.run_folder import load_run_config
         from sslscale.train import StoppedForRequeue
         env = submitit.JobEnvironment()
         export_rank_variables(env)
-        cfg = load_config(os.path.join(self.run_dir, "config.yaml"), self.overrides)
+        cfg = load_run_config(self.run_dir, self.overrides)
         print(f"job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}: evaluating "
               f"{self.run_dir} (restart {os.environ.get('SLURM_RESTART_COUNT', '0')})", flush=True)
         try:

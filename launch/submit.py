@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shlex
 import sys
 import time
 
@@ -29,6 +30,7 @@ from launch import container  # noqa: E402
 from launch.jobs import EvalJob, PretrainJob  # noqa: E402
 from sslscale.checkpoint import check_signature  # noqa: E402
 from sslscale.config import Config, ConfigError, dump_config, load_config  # noqa: E402
+from sslscale.run_folder import load_run_config  # noqa: E402
 
 EXIT_USER_ERROR = 2
 PRETRAIN_JOB_FILE = "pretrain_job_id"  # in <run>/submitit/: lets --eval wait for a queued pretraining job
@@ -116,8 +118,17 @@ def prepare_run_folder(cfg: Config, force_new: bool, dry_run: bool) -> str:
     return saved_path
 
 
+class ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+    """Writes the job script of a dry run; never submits, so it needs no srun on this machine (submitit's
+    executor refuses to exist without one)."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
 def make_executor(cfg: Config, folder: str, *, name: str, gpus: int, tasks: int, nodes: int, time_min: int,
-                  dependency: str | None = None) -> submitit.Executor:
+                  dependency: str | None = None, script_only: bool = False) -> submitit.Executor:
     """The executor of the configured cluster, shaped as one task per GPU on `nodes` nodes."""
     s = cfg.slurm
     if s.cluster == "debug":  # in this process, at job.result(): for stepping through a job in a debugger
@@ -131,14 +142,15 @@ def make_executor(cfg: Config, folder: str, *, name: str, gpus: int, tasks: int,
         return executor
     # In a container (slurm.container): srun's pyxis options, or an `apptainer exec` prefix that starts the image's
     # Python; each is None / empty without one.
-    executor = submitit.SlurmExecutor(folder, max_num_timeout=s.max_num_timeout,
-                                      python=container.python_command(cfg, gpus))
+    kind = ScriptOnlySlurmExecutor if script_only else submitit.SlurmExecutor
+    executor = kind(folder, max_num_timeout=s.max_num_timeout, python=container.python_command(cfg, gpus))
     additional = {"chdir": cfg.run_dir} if os.path.isdir(cfg.run_dir) else {}
     if dependency:
         additional["dependency"] = dependency
     params = dict(job_name=name, time=time_min, nodes=nodes, ntasks_per_node=tasks, cpus_per_task=s.cpus_per_task,
                   signal_delay_s=s.signal_delay_s, partition=s.partition, account=s.account, qos=s.qos,
-                  constraint=s.constraint, additional_parameters=additional, srun_args=container.srun_args(cfg))
+                  constraint=s.constraint, additional_parameters=additional, srun_args=container.srun_args(cfg),
+                  setup=list(s.setup) or None)
     if gpus:
         params["gpus_per_node"] = gpus
     if s.mem_gb is not None:
@@ -151,13 +163,25 @@ def job_script(cfg: Config, folder: str, **shape) -> str:
     """What --dry-run shows: the sbatch script SLURM would get (built without creating anything)."""
     if cfg.slurm.cluster != "slurm":
         return f"({cfg.slurm.cluster} executor: no sbatch script; the job runs on this machine with {shape})"
-    executor = make_executor(cfg, folder, **shape)
+    executor = make_executor(cfg, folder, **shape, script_only=True)
     # submitit has no public call for the script it would submit; this is the one it uses itself.
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
-def check_cluster(cfg: Config, gpus: int, nodes: int) -> None:
-    """Whether the cluster can run the job: its container image and mounts exist, then the job's shape."""
+def task_command(job, cfg: Config, tasks: int, gpus: int) -> str:
+    """What each task of the job runs, in words a user can rerun by hand: the script above starts submitit's
+    runner, which unpickles `job` and calls it."""
+    ranks = ("" if tasks == 1 else
+             "RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID MASTER_ADDR=<first node> ")
+    return (f"# each of the {tasks} task(s) runs {type(job).__name__}, which is\n"
+            f"#   {ranks}{job.command(container.python_command(cfg, gpus) or shlex.quote(sys.executable))}\n"
+            f"# {job.requeue_behaviour}")
+
+
+def check_cluster(cfg: Config, gpus: int, nodes: int, dry_run: bool = False) -> None:
+    """Whether the cluster can run the job: its container image and mounts exist, then the job's shape. A dry
+    run goes on without a reachable controller (on a laptop, or a login node whose controller is down) and says
+    which checks it skipped."""
     if cfg.slurm.cluster != "slurm":
         return
     problems = container.check(cfg)
@@ -166,6 +190,9 @@ def check_cluster(cfg: Config, gpus: int, nodes: int) -> None:
     try:
         problems = slurm_cluster.check_job_shape(cfg.slurm.partition, nodes, gpus)
     except slurm_cluster.ClusterUnavailable as error:
+        if dry_run:
+            print(f"# dry run: skipped the checks that ask the cluster (partition, nodes, GPUs per node): {error}")
+            return
         raise ConfigError([f"slurm.cluster: {error}"]) from None
     if problems:
         raise ConfigError(problems)
@@ -214,7 +241,7 @@ def submit_pretraining(args) -> int:
         configs.append(absolute_paths(load_config(args.config, [*args.overrides, *flag_overrides(args),
                                                                 *point, *extra])))
     s = base.slurm
-    check_cluster(base, s.gpus_per_node, s.nodes)
+    check_cluster(base, s.gpus_per_node, s.nodes, args.dry_run)
     for cfg in configs:
         if cfg.data.batch_size % (s.nodes * s.tasks):
             raise ConfigError([f"data.batch_size: the global batch {cfg.data.batch_size} does not split over "
@@ -224,7 +251,8 @@ def submit_pretraining(args) -> int:
     shape = dict(name=base.run.name, gpus=s.gpus_per_node, tasks=s.tasks, nodes=s.nodes, time_min=s.time_min)
     if args.dry_run:
         print(job_script(configs[0], folder, **shape))
-        for cfg in configs:
+        for cfg, path in zip(configs, config_paths):
+            print(task_command(PretrainJob(path, s.max_crash_retries), cfg, s.tasks * s.nodes, s.gpus_per_node))
             print(f"# {cfg.run_dir}/config.yaml\n{config_text(cfg)}")
         return 0
     executor = make_executor(configs[0], folder, **shape)
@@ -246,12 +274,13 @@ def submit_pretraining(args) -> int:
 
 def submit_probe(cfg: Config, overrides: list[str], depends_on: str | None = None, dry_run: bool = False):
     s = cfg.slurm
-    check_cluster(cfg, s.eval_gpus, 1)
+    check_cluster(cfg, s.eval_gpus, 1, dry_run)
     dependency = f"afterok:{depends_on}" if depends_on and s.cluster == "slurm" else None
     shape = dict(name=f"{cfg.run.name}-eval", gpus=s.eval_gpus, tasks=s.eval_task_count, nodes=1,
                  time_min=s.eval_time_min, dependency=dependency)
     if dry_run:
         print(job_script(cfg, submitit_folder(cfg.run_dir), **shape))
+        print(task_command(EvalJob(cfg.run_dir, overrides), cfg, s.eval_task_count, s.eval_gpus))
         print(f"# {cfg.run_dir}/config.yaml (eval section used)\n{config_text(cfg)}")
         return None
     executor = make_executor(cfg, submitit_folder(cfg.run_dir), **shape)
@@ -264,14 +293,13 @@ def submit_probe(cfg: Config, overrides: list[str], depends_on: str | None = Non
 
 def submit_eval(args) -> int:
     run_dir = os.path.abspath(args.eval)
-    saved = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(saved):
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
         raise ConfigError([f"--eval {args.eval}: not a run folder (no config.yaml)"])
     overrides = [*([args.config] if args.config else []), *args.overrides]  # positional slots hold overrides here
     bad = [o for o in overrides if not o.startswith(("eval.", "slurm."))]
     if bad:
         raise ConfigError([f"--eval takes only eval.* and slurm.* overrides, got {', '.join(bad)}"])
-    cfg = load_config(saved, [*overrides, *flag_overrides(args)])
+    cfg = load_run_config(run_dir, [*overrides, *flag_overrides(args)])  # the folder is the run
     depends_on = None
     job_file = os.path.join(submitit_folder(run_dir), PRETRAIN_JOB_FILE)
     if cfg.slurm.cluster == "slurm" and os.path.exists(job_file):

@@ -86,11 +86,8 @@ def _bench(args) -> int:
 
 
 def _run_config(run_dir: str, overrides: list[str]):
-    from sslscale.config import ConfigError, load_config
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
-        raise ConfigError([f"{run_dir} is not a run folder (no config.yaml)"])
-    return load_config(path, overrides)
+    from sslscale.run_folder import load_run_config
+    return load_run_config(run_dir, overrides)
 
 
 def _evaluate(args, output: str, extra: list[str]) -> int:

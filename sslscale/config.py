@@ -223,6 +223,9 @@ class SlurmConfig:
     # Mounts beyond those launch/container.py adds (run root, data, SLURM config, munge): SRC[:DST[:ro|rw]].
     container_mounts: list[str] = field(default_factory=list)
     container_python: str = "/opt/sslscale/venv/bin/python"  # the image's Python (the Dockerfile's venv)
+    # Shell lines the job script runs before its tasks start, e.g. ["module load cuda/13.0",
+    # "source ~/venvs/sslscale/bin/activate"].
+    setup: list[str] = field(default_factory=list)
 
     @property
     def tasks(self) -> int:

@@ -27,6 +27,7 @@ from sslscale import dcp_io
 from sslscale.atomic import write_json_atomic
 from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signature
 from sslscale.config import Config, ConfigError, dump_config, load_config
+from sslscale.run_folder import FolderLock, check_resume, describe_changes, keep_previous_config
 from sslscale.distributed import (AllGatherWithGrad, DistEnv, PeerWatch, RankFailure, destroy_process_group,
                                   init_process_group, is_collective_failure, local_gpu_index, read_env)
 import sslscale
@@ -166,12 +167,25 @@ def preflight(cfg: Config) -> None:
         raise ConfigError([f"run folder {cfg.run_dir} is not writable"])
 
 
-def check_run_folder(cfg: Config) -> None:
-    """Rerunning a command on an existing run folder resumes it, if the shapes still fit."""
+def check_run_folder(cfg: Config) -> dict[str, tuple]:
+    """Rerunning a command on an existing run folder resumes it, if the shapes still fit and nothing that
+    makes it another run changed. Returns every setting that differs from the saved config."""
     saved_path = os.path.join(cfg.run_dir, "config.yaml")
-    if os.path.exists(saved_path):
-        saved = load_config(saved_path, check=False)
-        check_signature(saved.shape_signature(), cfg.shape_signature(), f"run folder {cfg.run_dir}")
+    if not os.path.exists(saved_path):
+        return {}
+    saved = load_config(saved_path, check=False)
+    check_signature(saved.shape_signature(), cfg.shape_signature(), f"run folder {cfg.run_dir}")
+    return check_resume(saved, cfg)
+
+
+def save_config(cfg: Config, changes: dict[str, tuple], stream) -> None:
+    """The run's config.yaml; a changed one is announced setting by setting and the one it replaces is kept."""
+    path = os.path.join(cfg.run_dir, "config.yaml")
+    if changes and os.path.exists(path):
+        kept = keep_previous_config(cfg.run_dir)
+        print("\n".join([f"resuming {cfg.run_dir} with {len(changes)} changed setting(s) (the previous config is "
+                         f"kept as {os.path.basename(kept)}):", *describe_changes(changes)]), file=stream, flush=True)
+    dump_config(cfg, path)
 
 
 def clip_gradients(model: nn.Module, optim_cfg) -> None:
@@ -192,7 +206,7 @@ class Trainer:
             raise ConfigError([f"data.batch_size: the global batch {self.global_batch} does not split evenly over "
                                f"{self.env.world_size} ranks; choose a multiple of {self.env.world_size}"])
         preflight(cfg)
-        check_run_folder(cfg)
+        changes = check_run_folder(cfg)
         self.source = build_source(cfg.data, "train")
         if self.global_batch > len(self.source):
             raise ConfigError([f"data.batch_size: {self.global_batch} is larger than the data set "
@@ -205,7 +219,7 @@ class Trainer:
         self.peers = PeerWatch(self.env, store) if store is not None else None
         self.agree = RankAgreement(self.env, self.device)
         if self.env.is_main:
-            dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+            save_config(cfg, changes, self.stream)
 
         total_samples = int(cfg.train.epochs * len(self.source))
         total_steps = math.ceil(total_samples / self.global_batch)
@@ -503,6 +517,11 @@ def describe_signal(signum: int | None) -> str:
 def pretrain(cfg: Config, stream=None) -> dict:
     """Train (or resume) the run that `cfg` names. Returns the monitor's summaries."""
     try:
-        return Trainer(cfg, stream).fit()
+        # One live process per run folder: rank 0 holds its lock (the other ranks follow rank 0). The checks
+        # come first, so a refused config leaves no folder behind.
+        preflight(cfg)
+        lock = FolderLock(cfg.run_dir, "pretraining") if read_env().is_main else contextlib.nullcontext()
+        with lock:
+            return Trainer(cfg, stream).fit()
     finally:
         destroy_process_group()

@@ -15,7 +15,7 @@ from launch.cluster import gpus_in_gres
 from launch.submit import main as submit_main
 from launch.submit import point_name, sweep_points
 from sslscale.checkpoint import Checkpointer
-from sslscale.config import ConfigError
+from sslscale.config import ConfigError, dump_config, load_config
 from tests.conftest import tiny_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,6 +239,29 @@ def test_dry_run_on_the_local_cluster(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "no sbatch script" in out and "name: tiny" in out and "cluster: local" in out
     assert not (tmp_path / "tiny").exists()
+
+
+def test_dry_run_without_a_controller_skips_the_cluster_checks_and_shows_setup_and_the_task_command(
+        tmp_path, capsys, monkeypatch):
+    """On a laptop (no sinfo on PATH): the dry run says which checks it skipped, the job script carries
+    slurm.setup's lines, and the command each task runs is spelled out (submitit's runner pickles it)."""
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+    setup = "slurm.setup=['module load cuda/13.0', 'source /opt/envs/ssl/bin/activate']"
+    assert submit_main([QUICKSTART, *tiny_overrides(tmp_path / "runs"), "--dry-run", setup]) == 0
+    out = capsys.readouterr().out
+    assert "skipped the checks that ask the cluster" in out and "sinfo not found" in out
+    assert "# setup\nmodule load cuda/13.0\nsource /opt/envs/ssl/bin/activate\n" in out
+    assert f"-m sslscale.cli pretrain {tmp_path / 'runs' / 'tiny' / 'config.yaml'}" in out
+    assert "setup:\n  - module load cuda/13.0" in out  # kept in the saved config too
+    assert not (tmp_path / "runs").exists()
+
+    run_dir = tmp_path / "done" / "tiny"
+    os.makedirs(run_dir)
+    dump_config(load_config(None, tiny_overrides(tmp_path / "done")), str(run_dir / "config.yaml"))
+    assert submit_main(["--eval", str(run_dir), "eval.linear.epochs=2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"-m sslscale.cli linear-eval {run_dir} eval.linear.epochs=2" in out
+    assert not (run_dir / "eval").exists()
 
 
 def test_the_local_executor_runs_the_same_job_and_requeues_on_its_signal(tmp_path):

@@ -4,6 +4,7 @@ cache: linear heads, kNN and RankMe, next to the same architecture at its random
 Writes <eval>/linear.json (or knn.json) and a picture of accuracy per sweep point (linear.png)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from sslscale.eval.extract import ExtractionStopped, build_cache
 from sslscale.eval.features import BN_RECALIBRATION_IMAGES, LayerTaps
 from sslscale.eval.probes import probe_features
 from sslscale.models import build_trunk
+from sslscale.run_folder import FolderLock
 from sslscale.train import StoppedForRequeue, StopSignal, build_model, memory_format, resolve_device
 from sslscale.trunk_file import TrunkFileError, build_from_shape, load_state, load_trunk_file
 
@@ -136,13 +138,19 @@ def probe_protocol(cfg: Config, n_train: int, n_test: int) -> str:
 def evaluate(cfg: Config, *, trunk_file: str | None = None, eval_dir: str | None = None,
              output: str = "linear.json", single_process: bool = False, stream=None) -> dict | None:
     """Extraction on every rank of the job, then the probes on rank 0, which returns the report (other
-    ranks return None). single_process: ignore launcher variables (the probe after pretraining)."""
-    stream = stream or sys.stdout
+    ranks return None). single_process: ignore launcher variables (the probe after pretraining).
+    One evaluation per eval folder at a time: rank 0 holds its lock (the feature cache is shared)."""
     problems = [f"data.{p}" for p in cfg.data.check_paths()]
     if problems:
         raise ConfigError(problems)
     env = DistEnv() if single_process else read_env()
     eval_dir = eval_dir or os.path.join(cfg.run_dir, "eval")
+    with FolderLock(eval_dir, "evaluation") if env.is_main else contextlib.nullcontext():
+        return _evaluate(cfg, trunk_file, eval_dir, output, single_process, env, stream or sys.stdout)
+
+
+def _evaluate(cfg: Config, trunk_file: str | None, eval_dir: str, output: str, single_process: bool, env,
+              stream) -> dict | None:
 
     def say(line: str) -> None:
         if env.is_main:
