@@ -28,7 +28,6 @@ import submitit  # noqa: E402
 from launch import cluster as slurm_cluster  # noqa: E402
 from launch import container  # noqa: E402
 from launch.jobs import EvalJob, PretrainJob  # noqa: E402
-from sslscale.checkpoint import check_signature  # noqa: E402
 from sslscale.config import Config, ConfigError, dump_config, load_config  # noqa: E402
 from sslscale.run_folder import load_run_config  # noqa: E402
 
@@ -88,7 +87,7 @@ def submitit_folder(run_dir: str) -> str:
 
 def prepare_run_folder(cfg: Config, force_new: bool, dry_run: bool) -> str:
     """Checks the run folder and saves the resolved config in it; returns the config's path."""
-    from sslscale.train import preflight
+    from sslscale.train import check_run_folder, preflight
     run_dir = cfg.run_dir
     saved_path = os.path.join(run_dir, "config.yaml")
     if os.path.exists(saved_path):
@@ -105,9 +104,8 @@ def prepare_run_folder(cfg: Config, force_new: bool, dry_run: bool) -> str:
                 os.rename(run_dir, moved)
             print(f"--force-new: {run_dir} moved to {moved}; starting over")
         else:
-            saved = load_config(saved_path, check=False)
-            try:
-                check_signature(saved.shape_signature(), cfg.shape_signature(), f"run folder {run_dir}")
+            try:  # the trainer's own resume checks (shapes, batch size, seed), before anything is queued
+                check_run_folder(cfg)
             except ValueError as mismatch:
                 raise ConfigError([f"{mismatch}\n(or pass --force-new to start it over)"]) from None
             print(f"{run_dir} exists: the job resumes it from its newest checkpoint")

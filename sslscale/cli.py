@@ -85,15 +85,11 @@ def _bench(args) -> int:
     return 0
 
 
-def _run_config(run_dir: str, overrides: list[str]):
-    from sslscale.run_folder import load_run_config
-    return load_run_config(run_dir, overrides)
-
-
 def _evaluate(args, output: str, extra: list[str]) -> int:
     """A run folder (its config and newest checkpoint) or a trunk file (with --config for data and eval)."""
     from sslscale.config import ConfigError, load_config
     from sslscale.eval.run import evaluate
+    from sslscale.run_folder import load_run_config
     overrides = [*args.overrides, *extra]
     if os.path.isfile(args.target):
         if args.config is None:
@@ -105,7 +101,7 @@ def _evaluate(args, output: str, extra: list[str]) -> int:
         return 0
     if args.config is not None:
         raise ConfigError([f"--config is for trunk files; {args.target} is evaluated with its own config.yaml"])
-    evaluate(_run_config(args.target, overrides), eval_dir=args.out, output=output)
+    evaluate(load_run_config(args.target, overrides), eval_dir=args.out, output=output)
     return 0
 
 
@@ -120,8 +116,9 @@ def _knn(args) -> int:
 def _export(args) -> int:
     from sslscale.checkpoint import Checkpointer, trunk_state
     from sslscale.config import ConfigError
+    from sslscale.run_folder import load_run_config
     from sslscale.trunk_file import TrunkFileError, save_trunk_file
-    cfg = _run_config(args.run_dir, [])
+    cfg = load_run_config(args.run_dir)
     restored = Checkpointer(cfg.run_dir, cfg.checkpoint.keep).load_latest(model_only=True)
     if restored is None:
         raise ConfigError([f"run folder {args.run_dir} has no complete checkpoint to export"])

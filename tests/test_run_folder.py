@@ -107,3 +107,15 @@ def test_the_same_folder_given_by_a_relative_root_is_no_change(tiny_config, tmp_
     capsys.readouterr()
     pretrain(load_config(None, tiny_overrides("runs", "train.max_steps=2")))
     assert "changed setting" not in capsys.readouterr().out
+
+
+def test_submitting_a_resume_with_another_batch_size_is_refused_before_anything_is_queued(tmp_path, capsys):
+    from launch.submit import main as submit_main
+    from sslscale.config import dump_config
+    quickstart = os.path.join(REPO, "configs", "quickstart.yaml")
+    saved = load_config(quickstart, tiny_overrides(tmp_path))
+    os.makedirs(saved.run_dir)
+    dump_config(saved, os.path.join(saved.run_dir, "config.yaml"))
+    assert submit_main([quickstart, *tiny_overrides(tmp_path), "data.batch_size=16", "--cluster", "local",
+                        "--dry-run"]) == 2
+    assert "data.batch_size: 32 -> 16 cannot change when resuming" in capsys.readouterr().err
