@@ -85,7 +85,7 @@ def submitit_folder(run_dir: str) -> str:
     return os.path.join(run_dir, "submitit")
 
 
-def prepare_run_folder(cfg: Config, force_new: bool, dry_run: bool) -> str:
+def prepare_run_folder(cfg: Config, force_new: bool, dry_run: bool, world_size: int) -> str:
     """Checks the run folder and saves the resolved config in it; returns the config's path."""
     from sslscale.train import check_run_folder, preflight
     run_dir = cfg.run_dir
@@ -111,7 +111,7 @@ def prepare_run_folder(cfg: Config, force_new: bool, dry_run: bool) -> str:
             print(f"{run_dir} exists: the job resumes it from its newest checkpoint")
     if dry_run:
         return saved_path
-    preflight(cfg)  # data folders exist, run folder writable: before anything is queued
+    preflight(cfg, world_size)  # data folders exist, run folder writable: before anything is queued
     dump_config(cfg, saved_path)
     return saved_path
 
@@ -244,7 +244,7 @@ def submit_pretraining(args) -> int:
         if cfg.data.batch_size % (s.nodes * s.tasks):
             raise ConfigError([f"data.batch_size: the global batch {cfg.data.batch_size} does not split over "
                                f"{s.nodes} nodes x {s.tasks} tasks"])
-    config_paths = [prepare_run_folder(cfg, args.force_new, args.dry_run) for cfg in configs]
+    config_paths = [prepare_run_folder(cfg, args.force_new, args.dry_run, s.nodes * s.tasks) for cfg in configs]
     folder = submitit_folder(configs[0].run_dir if len(configs) == 1 else f"{configs[0].run_dir}-sweep")
     shape = dict(name=base.run.name, gpus=s.gpus_per_node, tasks=s.tasks, nodes=s.nodes, time_min=s.time_min)
     if args.dry_run:

@@ -154,8 +154,11 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=compute_dtype(precision))
 
 
-def preflight(cfg: Config) -> None:
-    """Checks that need the file system, before anything is written or any GPU time is spent."""
+def preflight(cfg: Config, world_size: int) -> None:
+    """Checks that need the file system or the launcher, before anything is written or any GPU time is spent."""
+    if cfg.data.batch_size % world_size:
+        raise ConfigError([f"data.batch_size: the global batch {cfg.data.batch_size} does not split evenly over "
+                           f"{world_size} ranks; choose a multiple of {world_size}"])
     problems = [f"data.{p}" for p in cfg.data.check_machine()]
     if problems:
         raise ConfigError(problems)
@@ -202,10 +205,7 @@ class Trainer:
         self.cfg, self.stream = cfg, stream or sys.stdout
         self.env = read_env()
         self.global_batch = cfg.data.batch_size
-        if self.global_batch % self.env.world_size:
-            raise ConfigError([f"data.batch_size: the global batch {self.global_batch} does not split evenly over "
-                               f"{self.env.world_size} ranks; choose a multiple of {self.env.world_size}"])
-        preflight(cfg)
+        preflight(cfg, self.env.world_size)
         changes = check_run_folder(cfg)
         self.source = build_source(cfg.data, "train")
         if self.global_batch > len(self.source):
@@ -519,8 +519,9 @@ def pretrain(cfg: Config, stream=None) -> dict:
     try:
         # One live process per run folder: rank 0 holds its lock (the other ranks follow rank 0). The checks
         # come first, so a refused config leaves no folder behind.
-        preflight(cfg)
-        lock = FolderLock(cfg.run_dir, "pretraining") if read_env().is_main else contextlib.nullcontext()
+        env = read_env()
+        preflight(cfg, env.world_size)
+        lock = FolderLock(cfg.run_dir, "pretraining") if env.is_main else contextlib.nullcontext()
         with lock:
             return Trainer(cfg, stream).fit()
     finally:
