@@ -44,6 +44,20 @@ def score(probe: str, result: dict) -> float:
 
 
 def run(objective: str, seed: int, root: str, with_random_init: bool) -> dict:
+    """One pretrain + probe, or what an earlier invocation of this script measured for it: a study that was
+    stopped picks up where it was, and its finished runs keep the times they were measured with."""
+    kept = os.path.join(root, f"{objective}_seed{seed}", "study_result.json")
+    if os.path.exists(kept):
+        with open(kept) as f:
+            return json.load(f)
+    result = pretrain_and_probe(objective, seed, root, with_random_init)
+    with open(kept + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(kept + ".tmp", kept)
+    return result
+
+
+def pretrain_and_probe(objective: str, seed: int, root: str, with_random_init: bool) -> dict:
     config = os.path.join(REPO, "configs", f"fashion_mnist_{objective}.yaml")
     overrides = [f"run.seed={seed}", f"run.root={root}", f"run.name={objective}_seed{seed}",
                  f"eval.compare_random_init={str(with_random_init).lower()}"]
@@ -56,7 +70,7 @@ def run(objective: str, seed: int, root: str, with_random_init: bool) -> dict:
     with open(os.path.join(root, f"{objective}_seed{seed}", "eval", "linear.json")) as f:
         report = json.load(f)
     probe_seconds = report["seconds"]["total"]
-    return {"objective": objective, "seed": seed, "seconds_total": round(seconds, 1),
+    return {"objective": objective, "seed": seed, "commit": current_commit(), "seconds_total": round(seconds, 1),
             "seconds_pretrain": round(seconds - probe_seconds, 1), "seconds_probe": probe_seconds,
             "results": {trunk: {probe: score(probe, probes[probe]) for probe in PROBES}
                         for trunk, probes in report["results"].items()},
@@ -79,12 +93,18 @@ def summarise(runs: list[dict]) -> dict:
     return rows
 
 
-def provenance() -> str:
+def current_commit() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip() or "unknown"
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
                            text=True).stdout.strip()
-    return (f"commit {commit}{' (with uncommitted changes)' if dirty else ''}, {platform.machine()} CPU, "
+    return f"{commit}{' (with uncommitted changes)' if dirty else ''}"
+
+
+def provenance(runs: list[dict]) -> str:
+    """The commit(s) the runs were measured at (a resumed study may span several) and the machine."""
+    commits = sorted({r.get("commit", "unknown") for r in runs})
+    return (f"{'commit' if len(commits) == 1 else 'commits'} {', '.join(commits)}, {platform.machine()} CPU, "
             f"{os.cpu_count()} cores, no GPU")
 
 
@@ -175,7 +195,7 @@ def main() -> None:
             print(f"seed {seed} {objective}: " + ", ".join(f"{p} {v:.1f}" for p, v in
                                                           result["results"]["pretrained"].items())
                   + f" ({result['seconds_pretrain']:.0f} s pretraining)", flush=True)
-    where = provenance()
+    where = provenance(runs)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "table1_fashion_mnist.json"), "w") as f:
         json.dump({"provenance": where, "seeds": args.seeds, "runs": runs}, f, indent=2)
