@@ -17,6 +17,8 @@ import yaml
 
 from data_pipelines.augment import AugmentSpec, ColorJitter, CropGroup  # noqa: F401  (types in the tree)
 from data_pipelines.config import DataConfig
+from sslscale.stop_signals import DEFAULT_SIGNALS as DEFAULT_STOP_SIGNALS
+from sslscale.stop_signals import check_names as check_stop_signals
 
 BACKBONES = ("resnet18", "resnet50")
 OBJECTIVES = ("dissl", "cissl", "simclr", "dino")
@@ -178,6 +180,10 @@ class TrainConfig:
     # (label_free/rankme in TensorBoard); null: never.
     rankme_every_steps: int | None = 1000
     rankme_rows: int = 4096
+    # Signals that make a run save at the next checked step boundary and exit 75 (requeue); every process of
+    # a job hears them, workers ignore them (sslscale/stop_signals.py). SIGINT (Ctrl-C) is always handled:
+    # once saves and stops the same way, twice aborts at once.
+    stop_signals: list[str] = field(default_factory=lambda: list(DEFAULT_STOP_SIGNALS))
 
 
 @dataclass
@@ -544,6 +550,7 @@ def validate(c: Config) -> list[str]:
     e += _positive("train.log_every_steps", c.train.log_every_steps)
     e += _positive("train.max_nonfinite_steps", c.train.max_nonfinite_steps)
     e += _positive("train.check_every_steps", c.train.check_every_steps)
+    e += check_stop_signals(c.train.stop_signals)
     e += _choice("dist.strategy", c.dist.strategy, STRATEGIES)
     e += _positive("dist.timeout_s", c.dist.timeout_s)
     e += _positive("checkpoint.every_steps", c.checkpoint.every_steps)
