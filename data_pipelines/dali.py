@@ -24,9 +24,7 @@ model's device and layout is a no-op on the GPU path.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 
 import numpy as np
 import torch
@@ -36,6 +34,7 @@ from data_pipelines.batch import Batch
 from data_pipelines.dali_feeder import StepFeeder
 from data_pipelines.params import BRIGHTNESS, CONTRAST, HUE
 from data_pipelines.sources import ImageSource, UnreadableImage, first_readable
+from sslscale import stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +44,6 @@ PREFETCH = 2  # batches DALI prepares ahead
 # The dtypes DALI writes crops in. DALI has no bfloat16: a bf16 run gets float16 (see crop_dtype).
 CROP_DTYPES = (torch.float32, torch.float16)
 JITTER_FACTORS = ["brightness", "contrast", "saturation", "hue"]  # feeder columns, in params.py's op order
-# What a scheduler sends to ask a job to stop (SLURM signals every process of the job, workers included).
-# The trainer handles them; the feeder workers must not die of them before it has saved.
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
 
 
 class BackendUnavailable(RuntimeError):
@@ -187,17 +183,6 @@ def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device
     return multicrop()
 
 
-@contextlib.contextmanager
-def stop_signals_blocked():
-    """Processes started inside inherit a mask that blocks STOP_SIGNALS (forked and spawned alike), so they
-    live until their pipeline closes them. Here the signals wait, and arrive when the block ends."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def worker_start_method() -> str:
     """Forked workers start in milliseconds, but a process that has initialised CUDA must not fork:
     there the workers are spawned (they import the feeder's modules and unpickle it, seconds once)."""
@@ -247,8 +232,11 @@ class MultiCropPipeline:
                                    device_id=self.device_id, num_threads=self.data_cfg.num_workers, seed=self.seed,
                                    feeder_workers=self.data_cfg.feeder_workers, channels_last=self.channels_last,
                                    dtype=self.dtype)
-        with stop_signals_blocked():
-            self.pipe.build()  # starts the feeder workers
+        # DALI starts the feeder workers here and offers no hook inside them: they inherit a mask that blocks
+        # the stop signals (SIGINT and the configured ones included), so a scheduler's signal to every process
+        # of the job leaves them running, and the trainer decides (sslscale/stop_signals.py).
+        with stop_signals.blocked():
+            self.pipe.build()
 
     def __next__(self) -> Batch:
         if self.num_steps is not None and self.step >= self.start_step + self.num_steps:

@@ -17,6 +17,9 @@ from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, CropGroup, b
 from data_pipelines.batch import Batch
 from data_pipelines.params import CropParams, jitter_ranges
 from data_pipelines.sources import ImageSource, RankBatches, SampleStream, first_readable
+# Workers ignore the stop signals that SLURM, systemd and Ctrl-C send to every process: one dying of
+# SIGTERM would fail the step the trainer wants to finish and save (sslscale/stop_signals.py).
+from sslscale.stop_signals import WorkerInit
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST}
@@ -112,7 +115,8 @@ def multicrop_loader(source: ImageSource, data_cfg, *, seed: int, rank: int, wor
     sampler = RankBatches(data_cfg.batch_size, rank, world_size, start_step, num_steps)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=data_cfg.num_workers,
                       collate_fn=collate_multicrop, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=4 if data_cfg.num_workers else None)
+                      persistent_workers=False, prefetch_factor=4 if data_cfg.num_workers else None,
+                      worker_init_fn=WorkerInit() if data_cfg.num_workers else None)
 
 
 class EvalDataset(Dataset):
@@ -130,4 +134,5 @@ class EvalDataset(Dataset):
 def eval_loader(source: ImageSource, data_cfg, batch_size: int) -> DataLoader:
     transform = eval_transform(data_cfg.eval_resize, data_cfg.eval_crop, data_cfg.augment)
     return DataLoader(EvalDataset(source, transform), batch_size=batch_size, shuffle=False,
-                      num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available())
+                      num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=WorkerInit() if data_cfg.num_workers else None)

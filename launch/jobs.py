@@ -1,10 +1,12 @@
 """What runs inside a submitted job: pretraining (requeued on time limits, pre-emption and, a bounded
 number of times, crashes) and the linear probe of a run's newest checkpoint.
 
-Stop protocol. SLURM sends SIGUSR2 to every task `signal_delay_s` before the time limit (and SIGTERM
-on pre-emption or scancel). The trainer, not submitit, handles both during training: all ranks agree
-to stop at the next step boundary, save one complete checkpoint and raise StoppedForRequeue. After
-SIGUSR2, rank 0 hands the signal on to submitit's handler (restored when training returns), which
+Stop protocol. SLURM sends SIGUSR2 to every process of the job `signal_delay_s` before the time limit
+(and SIGTERM on pre-emption or scancel). One StopSignals object (sslscale/stop_signals.py) handles them,
+not submitit, through pretraining and the probe after it; worker processes ignore them. In training all
+ranks agree to stop at the next step boundary, save one complete checkpoint and raise StoppedForRequeue;
+in the probe the finished feature blocks are kept. After SIGUSR2, rank 0 hands the signal on to
+submitit's handler (restored when the stages return), which
 asks this job's `checkpoint()` for the submission to requeue and runs `scontrol requeue` (or, under
 the local executor, exits with its requeue status). The requeued job reruns `__call__`, which resumes
 the run folder from its newest checkpoint (an evaluation job: reuses the finished feature-cache blocks). After SIGTERM alone the job saves and fails, as submitit
@@ -35,19 +37,27 @@ def export_rank_variables(env: submitit.JobEnvironment) -> None:
 
 
 def hand_over_to_submitit() -> None:
-    """Runs submitit's SIGUSR2 handler in this process: it calls checkpoint() and requeues the job,
-    then exits. (Raising the signal would do the same, asynchronously.)"""
-    handler = signal.getsignal(signal.SIGUSR2)
+    """Runs submitit's requeue handler (on SUBMITIT_PREEMPT_SIGNAL, SIGUSR2 by default) in this process: it
+    calls checkpoint() and requeues the job, then exits. The stages' StopSignals object has put it back by
+    now; while installed, it alone hears that signal, so the job is checkpointed once, here, on rank 0.
+    (Raising the signal would do the same, asynchronously.)"""
+    sig = submitit.JobEnvironment._usr_sig()
+    handler = signal.getsignal(sig)
     if not callable(handler):
         raise RuntimeError("no submitit signal handler is installed: is this running inside a submitit job?")
-    handler(signal.SIGUSR2, None)
+    handler(sig, None)
+
+
+# Signals that ask a job to end, not to come back: scancel and pre-emption without requeue (SIGTERM), Ctrl-C.
+ENDING_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def requeue_after(stop, env: submitit.JobEnvironment) -> str:
     """A stage that saved and stopped on a signal: requeue the job (rank 0 hands over to submitit), except
-    after SIGTERM alone: pre-emption (SLURM requeues the job itself if the partition says so, or sends
-    SIGUSR2 next) or scancel. Then the job fails, so nothing that waits on afterok starts."""
-    if signal.SIGTERM in stop.signals and signal.SIGUSR2 not in stop.signals:
+    after SIGTERM (or SIGINT) alone: pre-emption (SLURM requeues the job itself if the partition says so, or
+    sends SIGUSR2 next) or scancel. Then the job fails, so nothing that waits on afterok starts. Any other
+    stop signal (SIGUSR2 at the time limit, SIGUSR1, the configured ones) requeues."""
+    if stop.signals and stop.signals <= ENDING_SIGNALS:
         print(f"{stop}; not requeueing on SIGTERM alone", flush=True)
         raise stop
     print(f"{stop}; requeueing", flush=True)

@@ -1,8 +1,8 @@
 """`sslscale pretrain | plan | bench | linear-eval | knn | export | prepare-data | imagenet-val | preview | recipes`.
 
 Errors a user can fix (bad config, missing data, mismatched checkpoint) print one clear message and
-exit with status 2; a run stopped by SIGTERM / SIGUSR2 exits with EXIT_STOPPED_FOR_REQUEUE after
-saving a checkpoint.
+exit with status 2; a run stopped by a stop signal (train.stop_signals; a first Ctrl-C) exits with
+EXIT_STOPPED_FOR_REQUEUE after saving a checkpoint; a second Ctrl-C aborts with 130 (stop_signals.py).
 """
 from __future__ import annotations
 
@@ -19,16 +19,26 @@ EXIT_USER_ERROR = 2
 
 def pretrain_then_probe(cfg) -> None:
     """Pretrain, then (eval.after_pretrain) probe the frozen trunk. The probe is a single-process job:
-    under torchrun / srun / submitit only rank 0 runs it."""
+    under torchrun / srun / submitit only rank 0 runs it.
+
+    One StopSignals object hears the stop signals from start to end, so a signal in either stage (or
+    between them) ends the job with a checkpoint / the finished feature blocks, and StoppedForRequeue.
+    A rerun finds the pretraining done (nothing to train) and probes from the feature cache."""
     from sslscale.console import console_log
     from sslscale.distributed import read_env
     from sslscale.eval.run import evaluate_run
-    from sslscale.train import pretrain
+    from sslscale.stop_signals import StopSignals
+    from sslscale.train import StoppedForRequeue, describe_signal, pretrain
     is_main = read_env().is_main
-    with console_log(cfg.run_dir, is_main, " ".join(sys.argv)) as log_only:
+    with console_log(cfg.run_dir, is_main, " ".join(sys.argv)) as log_only, \
+            StopSignals(cfg.train.stop_signals, announce=is_main) as stop:
         try:
             pretrain(cfg)
             if cfg.eval.after_pretrain and is_main:
+                if stop.requested:  # heard after the last step: the pretraining is saved, the probe not begun
+                    raise StoppedForRequeue(f"stopped by {describe_signal(stop.received)} after pretraining "
+                                            f"{cfg.run_dir}; the probe runs when it is resumed",
+                                            frozenset(stop.all_received))
                 evaluate_run(cfg, single_process=True)
         except BaseException as error:  # the reason a run ended belongs in its log; main() prints it
             log_only(f"ended: {type(error).__name__}: {error}")

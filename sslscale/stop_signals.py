@@ -71,28 +71,39 @@ def _say(line: str) -> None:
 
 class StopSignals:
     """The stop flag of this process. `received`: the first stop signal (None: none yet); `all_received`:
-    every one so far. Use through `watch()`, which installs one object per process."""
+    every one so far. `with StopSignals(names) as stop:` installs the handlers; a nested `with` (the probe
+    inside a job that also pretrained) gets the outer, installed object instead, so one object spans every
+    stage and a signal heard in one is acted on in the next. Not entered, it is a flag nobody sets (bench)."""
 
-    def __init__(self, signals=frozenset(), announce: bool = True):
-        self.signals = frozenset(signals) | {signal.SIGINT}
+    def __init__(self, names=DEFAULT_SIGNALS, announce: bool = True):
+        extra = submitit_signal()
+        self.signals = parse(names) | {signal.SIGINT} | ({extra} if extra is not None else set())
         self.announce = announce
         self.received: int | None = None
         self.all_received: set[int] = set()
         self.interrupts = 0
-        self.previous: dict[int, object] = {}
+        self.previous: dict[int, object] | None = None
 
     @property
     def requested(self) -> bool:
         return self.received is not None
 
-    def install(self) -> None:
-        for sig in sorted(self.signals):
-            self.previous[sig] = signal.signal(sig, self._handle)
+    def __enter__(self) -> "StopSignals":
+        global _active
+        if _active is not None:
+            return _active
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in sorted(self.signals)}
+        _active = self
+        return self
 
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self.previous = {}
+    def __exit__(self, *exc) -> bool:
+        global _active
+        if self.previous is not None:  # the object that installed the handlers puts the old ones back
+            _active = None
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            self.previous = None
+        return False
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
@@ -111,26 +122,8 @@ class StopSignals:
 _active: StopSignals | None = None
 
 
-@contextlib.contextmanager
-def watch(names=DEFAULT_SIGNALS, announce: bool = True):
-    """The process's StopSignals while the block runs. Nested blocks (the probe inside a job that also
-    pretrained) share the outer object, so a signal heard in one stage is acted on in the next."""
-    global _active
-    if _active is not None:
-        yield _active
-        return
-    extra = submitit_signal()
-    stop = StopSignals(parse(names) | ({extra} if extra is not None else set()), announce)
-    stop.install()
-    _active = stop
-    try:
-        yield stop
-    finally:
-        _active = None
-        stop.restore()
-
-
 def current() -> StopSignals | None:
+    """The installed StopSignals of this process, if any."""
     return _active
 
 

@@ -38,11 +38,12 @@ from sslscale.optim import build_optimizer, build_schedule, match_state_layout
 from sslscale.plan import format_plan, make_plan
 from sslscale import step_checks
 from sslscale.step_checks import NonFiniteSteps, RankAgreement
+from sslscale.stop_signals import StopSignals
 from sslscale.parallel import is_sharded, prepare_batchnorm, weight_layout, wrap_for_training
 from sslscale.rankme_tracker import rankme_tracker
 
-# Exit status of a run that stopped on SIGTERM / SIGUSR2 after saving a checkpoint: the launcher
-# requeues on it and treats any other non-zero status as a failure (75 is EX_TEMPFAIL).
+# Exit status of a run that stopped on a stop signal (train.stop_signals, Ctrl-C) after saving a checkpoint:
+# the launcher requeues on it and treats any other non-zero status as a failure (75 is EX_TEMPFAIL).
 EXIT_STOPPED_FOR_REQUEUE = 75
 
 
@@ -93,28 +94,8 @@ class RNGStates:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class StopSignal:
-    """Turns SIGTERM / SIGUSR2 into a flag read at step boundaries (never stop mid-step)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-
-    def __init__(self):
-        self.received: int | None = None
-        self.all_received: set[int] = set()
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-        self.all_received.add(signum)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+# The stop flag of the process (sslscale/stop_signals.py), read at step boundaries (never mid-step).
+StopSignal = StopSignals
 
 
 def memory_format(train_cfg) -> torch.memory_format:
@@ -412,7 +393,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), logs
 
-    def check(self, stop: "StopSignal") -> None:
+    def check(self, stop: StopSignals) -> None:
         """The host's look at the device, every train.check_every_steps steps: one transfer holding this rank's
         stop request (agreed over ranks) and the non-finite counts."""
         progress = self.progress
@@ -459,7 +440,8 @@ class Trainer:
         self.reported_nonfinite = progress.nonfinite.state_dict()["nonfinite_total"]
         rankme = rankme_tracker(cfg, self.core.encoder, self.env.world_size, first_step)
         try:
-            with StopSignal() as stop:
+            # Installed already where a job spans stages (cli.pretrain_then_probe): then this is that object.
+            with StopSignals(cfg.train.stop_signals, announce=self.env.is_main) as stop:
                 waited_since = time.perf_counter()
                 for batch in loader:
                     data_seconds = time.perf_counter() - waited_since

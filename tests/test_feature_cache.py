@@ -78,7 +78,7 @@ def test_corrupt_and_truncated_blocks_are_extracted_again(trained, capsys):
 class StopAfterFirstBatches:
     """StopSignal stand-in: a SIGUSR2 'arrives' after the extraction's second batch."""
 
-    def __init__(self):
+    def __init__(self, *args, **kwargs):
         self.checks, self.all_received = 0, {signal.SIGUSR2}
 
     @property

@@ -166,7 +166,8 @@ def _evaluate(cfg: Config, trunk_file: str | None, eval_dir: str, output: str, s
     layout = memory_format(cfg.train)
     store = init_process_group(env, device, cfg.dist.timeout_s)
     try:
-        with StopSignal() as stop:
+        # The job's object where the probe follows pretraining in one process (cli.pretrain_then_probe).
+        with StopSignal(cfg.train.stop_signals, announce=env.is_main) as stop:
             def stop_requested() -> bool:
                 return stop.received is not None
 
