@@ -194,6 +194,35 @@ def test_sigterm_alone_saves_and_fails_the_job_instead_of_requeueing_it(slurm, t
     assert Checkpointer(str(tmp_path / "tiny"), 5).complete()
 
 
+def test_a_job_signalled_in_its_probe_stage_keeps_the_cache_requeues_and_finishes(slurm, tmp_path):
+    """Pretraining, then the probe in the same job, with DataLoader workers. SIGUSR1 (a pre-emption
+    warning; SIGUSR2 at the time limit takes the same path) reaches every process of the job while the
+    linear heads train: the workers must not die of it nor run submitit's handler, the probe stops
+    cleanly with its feature blocks on disk, the job requeues once (no crash), and the requeued job skips
+    the finished pretraining and probes from the cache."""
+    status, out, err = submit(QUICKSTART, *tiny_overrides(tmp_path, "train.epochs=1000", "train.max_steps=6",
+                                                          "data.num_workers=2", "eval.after_pretrain=true",
+                                                          "eval.compare_random_init=false", "eval.knn.enabled=false",
+                                                          "eval.linear.epochs=3000"),
+                              *ONE_TASK, "--time", "10")
+    assert status == 0, err
+    (job_id,) = job_ids(out)
+    log_path = tmp_path / "tiny" / "submitit" / f"{job_id}_0_log.out"
+    deadline = time.time() + 240
+    while not (log_path.exists() and "linear heads:" in log_path.read_text()) and time.time() < deadline:
+        time.sleep(1)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    wait_until_gone(job_id, 420)
+    log = job_log(tmp_path / "tiny", job_id)
+    err_log = (tmp_path / "tiny" / "submitit" / f"{job_id}_0_log.err").read_text()
+    assert re.search(r"stopped while probing .*; the feature cache is kept; requeueing", log), log[-3000:]
+    assert "restart 1" in log and "restart 2" not in log and "crash 1" not in log
+    assert "nothing to train" in log and "reusing all" in log  # the requeued job: no pretraining, no extraction
+    assert "Job completed successfully" in log, log[-3000:]
+    assert "killed by signal" not in err_log and "temporary saved file already exists" not in err_log
+    assert os.path.exists(tmp_path / "tiny" / "eval" / "linear.json")
+
+
 def test_resubmitting_resumes_and_a_shape_change_is_refused_unless_force_new(slurm, tmp_path):
     base = [QUICKSTART, *tiny_overrides(tmp_path), "eval.after_pretrain=false", *JOB]
     status, out, err = submit(*base, "train.max_steps=2")
