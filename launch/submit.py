@@ -29,6 +29,7 @@ from launch import cluster as slurm_cluster  # noqa: E402
 from launch import container  # noqa: E402
 from launch.jobs import EvalJob, PretrainJob  # noqa: E402
 from sslscale.config import Config, ConfigError, dump_config, load_config  # noqa: E402
+from sslscale.disk import EXIT_DISK_ERROR, DiskError  # noqa: E402
 from sslscale.run_folder import load_run_config  # noqa: E402
 
 EXIT_USER_ERROR = 2
@@ -320,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except DiskError as error:  # the run folder is full or read-only (the trainer's preflight found it)
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_DISK_ERROR
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Errors a user can fix (bad config, missing data, mismatched checkpoint) print one clear message and
 exit with status 2; a run stopped by SIGTERM / SIGUSR2 exits with EXIT_STOPPED_FOR_REQUEUE after
-saving a checkpoint.
+saving a checkpoint; a save that fails for lack of space or permission exits with EXIT_DISK_ERROR (74,
+sslscale/disk.py) after removing what it half wrote.
 """
 from __future__ import annotations
 
@@ -300,6 +301,7 @@ def read_env_or_main() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     from sslscale.config import ConfigError
+    from sslscale.disk import EXIT_DISK_ERROR, DiskError
     from sslscale.train import EXIT_STOPPED_FOR_REQUEUE, StoppedForRequeue, TooManyNonFiniteLosses
     from sslscale.trunk_file import TrunkFileError
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -323,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             print(str(stop), file=sys.stderr)
         return EXIT_STOPPED_FOR_REQUEUE
+    except DiskError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_DISK_ERROR
     except (TooManyNonFiniteLosses, RankFailure) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ from torch import nn
 from data_pipelines.sources import build_source
 from data_pipelines.loaders import multicrop_batches
 from data_pipelines.preview import crop_grid, save_png
-from sslscale import dcp_io
+from sslscale import dcp_io, disk
 from sslscale.atomic import write_json_atomic
 from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signature
 from sslscale.config import Config, ConfigError, dump_config, load_config
@@ -168,6 +168,9 @@ def preflight(cfg: Config, world_size: int) -> None:
         raise ConfigError([f"run folder {cfg.run_dir} cannot be created: {error.strerror}"]) from None
     if not os.access(cfg.run_dir, os.W_OK):
         raise ConfigError([f"run folder {cfg.run_dir} is not writable"])
+    # A real write (a DiskError, exit status 74, like a failed save): os.access says yes to root on a read-only
+    # mount, and nothing of a full disk.
+    disk.probe_folder(os.path.join(cfg.run_dir, "ckpt"), "checkpoint folder")
 
 
 def check_run_folder(cfg: Config) -> dict[str, tuple]:
@@ -188,7 +191,13 @@ def save_config(cfg: Config, changes: dict[str, tuple], stream) -> None:
         kept = keep_previous_config(cfg.run_dir)
         print("\n".join([f"resuming {cfg.run_dir} with {len(changes)} changed setting(s) (the previous config is "
                          f"kept as {os.path.basename(kept)}):", *describe_changes(changes)]), file=stream, flush=True)
-    dump_config(cfg, path)
+    try:
+        dump_config(cfg, path)  # write_text_atomic removes its temp file when the write fails
+    except OSError as error:
+        failure = disk.as_disk_error(error, cfg.run_dir, "the run's config.yaml")
+        if failure is None:
+            raise
+        raise failure from error
 
 
 def clip_gradients(model: nn.Module, optim_cfg) -> None:
@@ -524,5 +533,10 @@ def pretrain(cfg: Config, stream=None) -> dict:
         lock = FolderLock(cfg.run_dir, "pretraining") if env.is_main else contextlib.nullcontext()
         with lock:
             return Trainer(cfg, stream).fit()
+    except OSError as error:
+        # A full disk met anywhere else in the run folder (plan.json, TensorBoard, crops.png): the same one line.
+        if error.errno not in disk.NO_SPACE:
+            raise
+        raise disk.as_disk_error(error, cfg.run_dir, "the run folder") from error
     finally:
         destroy_process_group()
