@@ -300,6 +300,7 @@ def read_env_or_main() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_pipelines.sources import ClassMismatch
     from sslscale.config import ConfigError
     from sslscale.disk import EXIT_DISK_ERROR, DiskError
     from sslscale.train import EXIT_STOPPED_FOR_REQUEUE, StoppedForRequeue, TooManyNonFiniteLosses
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, CheckpointMismatch, DistributedSetupError, FileNotFoundError, FileExistsError,
-            TrunkFileError) as error:
+            TrunkFileError, ClassMismatch) as error:
         if is_main:
             print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
