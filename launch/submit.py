@@ -17,6 +17,7 @@ import argparse
 import itertools
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -183,6 +184,12 @@ def check_cluster(cfg: Config, gpus: int, nodes: int, dry_run: bool = False) -> 
     which checks it skipped."""
     if cfg.slurm.cluster != "slurm":
         return
+    # Before anything is touched: without these, submitting fails only after the run folder was prepared
+    # (and with --force-new, after the existing run was moved away).
+    missing = [tool for tool in ("sbatch", "sinfo", "squeue") if shutil.which(tool) is None]
+    if missing and not dry_run:
+        raise ConfigError([f"slurm.cluster: slurm, but {', '.join(missing)} not found on PATH; submit from a "
+                           "login node of the cluster (or use --dry-run to see the job script)"])
     problems = container.check(cfg)
     if problems:
         raise ConfigError(problems)
