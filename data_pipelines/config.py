@@ -31,6 +31,9 @@ class DataConfig:
     # Frozen-feature evaluation: resize the short side to eval_resize, centre-crop eval_crop.
     eval_resize: int = 256
     eval_crop: int = 224
+    # Images with more pixels are skipped and counted like unreadable ones, from their header before any
+    # decode: one 13000x13000 PNG takes gigabytes per worker to decode.
+    max_image_pixels: int = 8192 * 8192
 
     def validate(self) -> list[str]:
         errors = []
@@ -49,6 +52,8 @@ class DataConfig:
             errors.append(f"batch_size: {self.batch_size}; must be >= 1")
         if self.num_workers < 0:
             errors.append(f"num_workers: {self.num_workers}; must be >= 0")
+        if self.max_image_pixels < 1:
+            errors.append(f"max_image_pixels: {self.max_image_pixels}; must be >= 1")
         if self.feeder_workers < 0:
             errors.append(f"feeder_workers: {self.feeder_workers}; must be >= 0")
         if not 1 <= self.eval_crop <= self.eval_resize:

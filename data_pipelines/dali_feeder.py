@@ -25,7 +25,7 @@ from data_pipelines import params as draws
 from data_pipelines.augment import AugmentSpec, CropGroup
 from data_pipelines.image_header import encoded_size
 from data_pipelines.params import HUE, jitter_ranges
-from data_pipelines.sources import ImageSource, SampleStream, UnreadableImage, first_readable
+from data_pipelines.sources import ImageSource, SampleStream, UnreadableImage, check_pixels, first_readable
 
 # Formats DALI's decoders read; anything else Pillow can open is converted to BMP (cheap, lossless).
 DALI_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
@@ -40,7 +40,7 @@ class ReadImage:
     width: int
 
 
-def read_encoded(path: str) -> ReadImage:
+def read_encoded(path: str, max_pixels: int | None = None) -> ReadImage:
     """The file's bytes and size, after the checks that catch what would stop a DALI decoder:
     not an image, an empty or truncated JPEG / PNG. Formats DALI cannot decode go through Pillow."""
     try:
@@ -51,9 +51,11 @@ def read_encoded(path: str) -> ReadImage:
             kind, height, width = header
             if Image.MAX_IMAGE_PIXELS and height * width > 2 * Image.MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(f"{height * width} pixels, as Pillow refuses them")
+            check_pixels(path, height, width, max_pixels)
         else:
             with Image.open(io.BytesIO(data)) as image:
                 (width, height), kind = image.size, image.format
+                check_pixels(path, height, width, max_pixels)  # before the conversion below decodes it
                 if kind not in DALI_FORMATS:
                     converted = io.BytesIO()
                     image.convert("RGB").save(converted, "BMP")
@@ -149,7 +151,9 @@ class StepFeeder:
     def read(self, index: int) -> ReadImage:
         if index in self.known_bad:
             raise UnreadableImage(f"image {index} failed to decode earlier")
-        return read_encoded(self.source.path(index)) if self.encoded else read_decoded(self.source, index)
+        if not self.encoded:
+            return read_decoded(self.source, index)
+        return read_encoded(self.source.path(index), getattr(self.source, "max_pixels", None))
 
     def __call__(self, info):
         if os.getpid() != self.owner_pid and torch.get_num_threads() > 1:

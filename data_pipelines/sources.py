@@ -32,6 +32,15 @@ class UnreadableImage(Exception):
 
 # Replacement attempts for unreadable images before giving up on a sample.
 MAX_REPLACEMENTS = 64
+# data.max_image_pixels' default: larger images are refused from their header, before a decode that would
+# take gigabytes per worker (13000 x 13000 RGB is 0.5 GB of pixels, several times that while decoding).
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def check_pixels(path: str, height: int, width: int, max_pixels: int | None) -> None:
+    """Raises UnreadableImage (skipped and counted like a corrupt file) for an image above the limit."""
+    if max_pixels and height * width > max_pixels:
+        raise UnreadableImage(f"{path}: {width}x{height} pixels is more than data.max_image_pixels ({max_pixels})")
 
 
 def first_readable(read, size: int, index: int):
@@ -101,12 +110,15 @@ class ArraySource(ImageSource):
 class FileSource(ImageSource):
     """Images as files on disk, decoded on load (JPEG, PNG; CMYK and grayscale become RGB)."""
 
-    def __init__(self, paths: list[str], labels: list[int], classes: list[str]):
+    def __init__(self, paths: list[str], labels: list[int], classes: list[str], max_pixels: int | None = None,
+                 skipped: list[str] = ()):
         if not paths:
             raise FileNotFoundError("no image files found")
         self.paths = paths
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self.classes = classes
+        self.max_pixels = max_pixels
+        self.skipped = list(skipped)  # entries of the folder that could not be read when it was indexed
 
     def path(self, index: int) -> str:
         return self.paths[index]
@@ -118,7 +130,8 @@ class FileSource(ImageSource):
     def load(self, index: int) -> torch.Tensor:
         path = self.paths[index]
         try:
-            with Image.open(path) as image:
+            with Image.open(path) as image:  # reads the header only: the size is known before decoding
+                check_pixels(path, image.height, image.width, self.max_pixels)
                 rgb = np.asarray(image.convert("RGB"))  # decodes fully: truncated files fail here
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise UnreadableImage(f"{path}: {error}") from error
@@ -132,6 +145,7 @@ class Subset(ImageSource):
         self.source, self.indices = source, indices
         self.labels = source.labels[indices]
         self.classes = source.classes
+        self.max_pixels = getattr(source, "max_pixels", None)
 
     def load(self, index: int) -> torch.Tensor:
         return self.source.load(int(self.indices[index]))
@@ -151,22 +165,66 @@ def random_subset(source: ImageSource, size: int | None, seed: int) -> ImageSour
     return Subset(source, order[:size].sort().values)
 
 
-def image_folder(root: str) -> FileSource:
-    """ImageNet layout: root/<class name>/<image file>. Classes are sorted names."""
+class ClassMismatch(ValueError):
+    """The class folders of a split do not name the train split's classes (labels would shift)."""
+
+
+def _entries(folder: str, skipped: list[str]):
+    """(name, is_dir, is_file) of a folder's entries; entries that cannot be read (a symlink loop, a
+    dangling link, no permission) go to `skipped` instead of stopping the indexing with a traceback."""
+    for entry in os.scandir(folder):
+        try:
+            is_dir, is_file = entry.is_dir(), entry.is_file()
+            if not (is_dir or is_file):
+                os.stat(entry.path)  # a dangling link or a loop says why here
+        except OSError as error:
+            skipped.append(f"{entry.path}: {error.strerror}")
+            continue
+        if is_dir or is_file:
+            yield entry.name, is_dir, is_file
+
+
+def _names(names: list[str], shown: int = 10) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def class_folders(root: str, skipped: list[str] | None = None) -> list[str]:
+    """The sorted class folder names of a split."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root} does not exist")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    classes = sorted(name for name, is_dir, _ in _entries(root, [] if skipped is None else skipped) if is_dir)
     if not classes:
         raise FileNotFoundError(f"image folder {root} has no class sub-folders")
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(e.name for e in os.scandir(os.path.join(root, name))
-                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+    return classes
+
+
+def image_folder(root: str, classes: list[str] | None = None, max_pixels: int | None = None) -> FileSource:
+    """ImageNet layout: root/<class name>/<image file>. Classes are sorted names; `classes` (the train
+    split's) gives the label indices, and this split's folders must be exactly those: a stray folder or a
+    missing one would shift every label after it. A class folder without images is refused by name."""
+    skipped: list[str] = []
+    found = class_folders(root, skipped)
+    if classes is not None and found != list(classes):
+        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+        differences = [f"{what} {_names(names)}" for what, names in (("missing", missing), ("extra", extra)) if names]
+        raise ClassMismatch(f"image folder {root} does not have the train split's class folders ("
+                            f"{'; '.join(differences)}): its labels would not match the train split's")
+    paths, labels, empty = [], [], []
+    for label, name in enumerate(found):
+        files = sorted(f for f, _, is_file in _entries(os.path.join(root, name), skipped)
+                       if is_file and f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            empty.append(name)
         paths += [os.path.join(root, name, f) for f in files]
         labels += [label] * len(files)
     if not paths:
         raise FileNotFoundError(f"image folder {root} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return FileSource(paths, labels, classes)
+    if empty:
+        raise ClassMismatch(f"image folder {root}: class folder(s) without images ({_names(empty)}); each would be "
+                            "a class of its own and shift the labels: remove them or fill them")
+    if skipped:
+        log.warning("%s: %d unreadable entries skipped (e.g. %s)", root, len(skipped), skipped[0])
+    return FileSource(paths, labels, found, max_pixels, skipped)
 
 
 def file_list(list_path: str) -> FileSource:
@@ -220,17 +278,22 @@ def digits(split: str) -> ArraySource:
 
 
 def build_source(data_cfg, split: str) -> ImageSource:
-    """The `split` ("train" or "val") of the source a DataConfig names."""
+    """The `split` ("train" or "val") of the source a DataConfig names. Label indices come from one place:
+    the train split's class folders, which every other split must match."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}; valid: {', '.join(SPLITS)}")
     if data_cfg.source == "fashion_mnist":
         return fashion_mnist(split, data_cfg.path)
     if data_cfg.source == "digits":
         return digits(split)
+    max_pixels = getattr(data_cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     if data_cfg.source == "folder":
-        return image_folder(os.path.join(data_cfg.path, split))
+        classes = None if split == "train" else class_folders(os.path.join(data_cfg.path, "train"))
+        return image_folder(os.path.join(data_cfg.path, split), classes, max_pixels)
     if data_cfg.source == "filelist":
-        return file_list(os.path.join(data_cfg.path, f"{split}.txt"))
+        source = file_list(os.path.join(data_cfg.path, f"{split}.txt"))
+        source.max_pixels = max_pixels
+        return source
     raise ValueError(f"unknown data source {data_cfg.source!r}")
 
 

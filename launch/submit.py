@@ -17,6 +17,7 @@ import argparse
 import itertools
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -29,6 +30,7 @@ from launch import cluster as slurm_cluster  # noqa: E402
 from launch import container  # noqa: E402
 from launch.jobs import EvalJob, PretrainJob  # noqa: E402
 from sslscale.config import Config, ConfigError, dump_config, load_config  # noqa: E402
+from sslscale.disk import EXIT_DISK_ERROR, DiskError  # noqa: E402
 from sslscale.run_folder import load_run_config  # noqa: E402
 
 EXIT_USER_ERROR = 2
@@ -182,6 +184,12 @@ def check_cluster(cfg: Config, gpus: int, nodes: int, dry_run: bool = False) -> 
     which checks it skipped."""
     if cfg.slurm.cluster != "slurm":
         return
+    # Before anything is touched: without these, submitting fails only after the run folder was prepared
+    # (and with --force-new, after the existing run was moved away).
+    missing = [tool for tool in ("sbatch", "sinfo", "squeue") if shutil.which(tool) is None]
+    if missing and not dry_run:
+        raise ConfigError([f"slurm.cluster: slurm, but {', '.join(missing)} not found on PATH; submit from a "
+                           "login node of the cluster (or use --dry-run to see the job script)"])
     problems = container.check(cfg)
     if problems:
         raise ConfigError(problems)
@@ -320,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except DiskError as error:  # the run folder is full or read-only (the trainer's preflight found it)
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_DISK_ERROR
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ and small parts (progress, RNG, ...); `load_full` reads either kind in one proce
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_map
 
-from sslscale import dcp_io
+from sslscale import dcp_io, disk
 from sslscale.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,16 @@ class Checkpointer:
         if os.path.exists(os.path.join(self.dir, name, MARKER)):
             return  # this step is already saved (e.g. a stop signal right after a periodic save)
         self.finish_pending(wait=True)
-        tmp = self._fresh_temp(name, os.getpid())
+        tmp = self._temp_path(name, os.getpid())
         path = os.path.join(tmp, STATE_FILE)
         if not background:
-            _save_file(state, path)
-            self._commit(tmp, name, step)
+            with self._cleaned_up_on_failure(tmp, name):
+                self._fresh_temp(name, os.getpid())
+                _save_file(state, path)
+                self._commit(tmp, name, step)
             return
+        with self._cleaned_up_on_failure(tmp, name):
+            self._fresh_temp(name, os.getpid())
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sslscale-checkpoint")
         self.pending = PendingWrite(self._writer.submit(_save_file, host_copy(state), path), tmp, name, step, True)
@@ -96,15 +101,17 @@ class Checkpointer:
         dist.broadcast_object_list(decision, src=0)
         if decision[0] is None:
             return
-        if is_main:
-            tmp = self._fresh_temp(name, decision[0])
-            _save_file(small, os.path.join(tmp, SMALL_PARTS_FILE))
         tmp = self._temp_path(name, decision[0])
+        if is_main:
+            with self._cleaned_up_on_failure(tmp, name):
+                self._fresh_temp(name, decision[0])
+                _save_file(small, os.path.join(tmp, SMALL_PARTS_FILE))
         dist.barrier()  # the temp folder exists and holds no leftovers before anyone writes into it
         if async_group is None:
-            dcp_io.save(shards, tmp)
-            if is_main:
-                self._commit(tmp, name, step)
+            with self._cleaned_up_on_failure(tmp, name, remove=is_main):
+                dcp_io.save(shards, tmp)
+                if is_main:
+                    self._commit(tmp, name, step)
             dist.barrier()
         else:
             self.pending = PendingWrite(dcp_io.async_save(shards, tmp, async_group), tmp, name, step, is_main)
@@ -116,9 +123,24 @@ class Checkpointer:
         if pending is None or not (wait or pending.future.done()):
             return
         self.pending = None
-        pending.future.result()  # a failed write raises here
-        if pending.is_main:
-            self._commit(pending.tmp, pending.name, pending.step)
+        with self._cleaned_up_on_failure(pending.tmp, pending.name, remove=pending.is_main):
+            pending.future.result()  # a failed write raises here
+            if pending.is_main:
+                self._commit(pending.tmp, pending.name, pending.step)
+
+    @contextlib.contextmanager
+    def _cleaned_up_on_failure(self, tmp: str, name: str, remove: bool = True):
+        """A write that fails leaves no temp folder behind (on a full disk it holds the space a rerun needs)
+        and touches no earlier checkpoint; a failure of the disk itself becomes a DiskError saying which."""
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            if remove:
+                shutil.rmtree(tmp, ignore_errors=True)
+            failure = disk.as_disk_error(error, self.dir, f"checkpoint {name}")
+            if failure is None:
+                raise
+            raise failure from error
 
     def _temp_path(self, name: str, token: int) -> str:
         return os.path.join(self.dir, f".tmp-{name}-{token}")

@@ -2,7 +2,9 @@
 
 Errors a user can fix (bad config, missing data, mismatched checkpoint) print one clear message and
 exit with status 2; a run stopped by a stop signal (train.stop_signals; a first Ctrl-C) exits with
-EXIT_STOPPED_FOR_REQUEUE after saving a checkpoint; a second Ctrl-C aborts with 130 (stop_signals.py).
+EXIT_STOPPED_FOR_REQUEUE after saving a checkpoint; a second Ctrl-C aborts with 130 (stop_signals.py);
+a save that fails for lack of space or permission exits with EXIT_DISK_ERROR (74, sslscale/disk.py)
+after removing what it half wrote.
 """
 from __future__ import annotations
 
@@ -309,7 +311,9 @@ def read_env_or_main() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_pipelines.sources import ClassMismatch
     from sslscale.config import ConfigError
+    from sslscale.disk import EXIT_DISK_ERROR, DiskError
     from sslscale.train import EXIT_STOPPED_FOR_REQUEUE, StoppedForRequeue, TooManyNonFiniteLosses
     from sslscale.trunk_file import TrunkFileError
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -325,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, CheckpointMismatch, DistributedSetupError, FileNotFoundError, FileExistsError,
-            TrunkFileError) as error:
+            TrunkFileError, ClassMismatch) as error:
         if is_main:
             print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -333,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             print(str(stop), file=sys.stderr)
         return EXIT_STOPPED_FOR_REQUEUE
+    except DiskError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_DISK_ERROR
     except (TooManyNonFiniteLosses, RankFailure) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

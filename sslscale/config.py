@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -342,6 +343,41 @@ def load_config(path: str | None = None, overrides: list[str] = (), *, check: bo
     return config_from_dict(raw, check=check)
 
 
+# A config is a few kilobytes; the limits stop a huge file, or a few lines of nested aliases (a "billion
+# laughs") that expand to millions of values, before any of it is built or printed in an error message.
+MAX_CONFIG_BYTES = 2**20
+MAX_CONFIG_VALUES = 100_000
+
+
+def load_yaml(text: str, what: str):
+    """yaml.safe_load, refusing a document whose aliases expand to more than MAX_CONFIG_VALUES values."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_CONFIG_VALUES:
+            raise ConfigError([f"{what}: its aliases expand to more than {MAX_CONFIG_VALUES:,} values; refused"])
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """Values in a YAML node with every alias expanded, counted once per distinct node (memoised)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 1  # a node that contains itself counts once
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, sizes) for item in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = size
+    return size
+
+
 BASE_KEY = "base"  # a recipe may start from another one: `base: other.yaml`, relative to its own folder
 
 
@@ -349,11 +385,19 @@ def read_config_file(path: str, _children: tuple[str, ...] = ()) -> dict:
     """A YAML recipe as a dict, with its `base:` chain merged in (the file's own values win; sections
     merge key by key, lists and values are replaced whole)."""
     try:
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise ConfigError([f"config file {path} is {os.path.getsize(path):,} bytes; a config is at most "
+                               f"{MAX_CONFIG_BYTES:,} (is it the right file?)"])
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = load_yaml(f.read(), f"config file {path}") or {}
     except FileNotFoundError:
         where = f" (the base of {_children[-1]})" if _children else ""
         raise ConfigError([f"config file {path} does not exist{where}"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"config file {path} is a folder; give a YAML file in it, e.g. {path}/quickstart.yaml"]
+                          ) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"config file {path} is not a text file (binary content)"]) from None
     except yaml.YAMLError as error:
         raise ConfigError([f"config file {path} is not valid YAML: {error}"]) from None
     if not isinstance(raw, dict):
@@ -401,7 +445,7 @@ def apply_override(raw: dict, item: str) -> list[str]:
     if not all(parts):
         return [f"override {item!r}: empty key component"]
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text, f"override {item!r}") if text.strip() else ""
     except yaml.YAMLError as error:
         return [f"override {item!r}: the value is not valid YAML ({str(error).splitlines()[0]}); quote it whole "
                 "in the shell, e.g. 'data.crops=[{size: 8, count: 2}]'"]
@@ -476,13 +520,19 @@ def _coerce(value, hint, key: str, problems: list[str]):
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if math.isfinite(number):
+                return number
+            problems.append(f"{key}: {value!r} is not a finite number")  # .inf overflows every step count
+            return 0.0
     elif hint is str:
         if isinstance(value, str):
             return value

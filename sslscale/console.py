@@ -32,15 +32,24 @@ class LogFile:
             self.file.write("".join(self.waiting))
             self.waiting = []
         else:
-            self.file.write(text)
+            try:
+                self.file.write(text)
+            except OSError:
+                self.waiting = []  # a full disk: the terminal still gets every line, and the run says why it stops
 
     def flush(self) -> None:
         if self.file is not None:
-            self.file.flush()
+            try:
+                self.file.flush()
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                pass
 
 
 class Tee:

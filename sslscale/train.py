@@ -23,7 +23,7 @@ from torch import nn
 from data_pipelines.sources import build_source
 from data_pipelines.loaders import multicrop_batches
 from data_pipelines.preview import crop_grid, save_png
-from sslscale import dcp_io
+from sslscale import dcp_io, disk
 from sslscale.atomic import write_json_atomic
 from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signature
 from sslscale.config import Config, ConfigError, dump_config, load_config
@@ -129,6 +129,19 @@ def compute_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def check_precision(precision: str, device: torch.device, stream) -> None:
+    """fp16 autocast on a CPU is refused: it runs several times slower than fp32 there (measured ~7x) and
+    needs loss scaling for nothing. bf16 runs, with a warning: CPUs with AMX/AVX512-BF16 do gain from it."""
+    if device.type != "cpu" or precision == "fp32":
+        return
+    if precision == "fp16":
+        raise ConfigError(["train.precision: fp16 on a CPU device runs several times slower than fp32 (no fp16 "
+                           "kernels there); use fp32 (or bf16), or a GPU"])
+    if stream is not None:
+        print("warning: train.precision bf16 on a CPU is only faster on CPUs with bf16 units (AMX, AVX512-BF16); "
+              "fp32 may be faster here", file=stream, flush=True)
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -149,6 +162,9 @@ def preflight(cfg: Config, world_size: int) -> None:
         raise ConfigError([f"run folder {cfg.run_dir} cannot be created: {error.strerror}"]) from None
     if not os.access(cfg.run_dir, os.W_OK):
         raise ConfigError([f"run folder {cfg.run_dir} is not writable"])
+    # A real write (a DiskError, exit status 74, like a failed save): os.access says yes to root on a read-only
+    # mount, and nothing of a full disk.
+    disk.probe_folder(os.path.join(cfg.run_dir, "ckpt"), "checkpoint folder")
 
 
 def check_run_folder(cfg: Config) -> dict[str, tuple]:
@@ -169,7 +185,13 @@ def save_config(cfg: Config, changes: dict[str, tuple], stream) -> None:
         kept = keep_previous_config(cfg.run_dir)
         print("\n".join([f"resuming {cfg.run_dir} with {len(changes)} changed setting(s) (the previous config is "
                          f"kept as {os.path.basename(kept)}):", *describe_changes(changes)]), file=stream, flush=True)
-    dump_config(cfg, path)
+    try:
+        dump_config(cfg, path)  # write_text_atomic removes its temp file when the write fails
+    except OSError as error:
+        failure = disk.as_disk_error(error, cfg.run_dir, "the run's config.yaml")
+        if failure is None:
+            raise
+        raise failure from error
 
 
 def clip_gradients(model: nn.Module, optim_cfg) -> None:
@@ -192,7 +214,11 @@ class Trainer:
         if self.global_batch > len(self.source):
             raise ConfigError([f"data.batch_size: {self.global_batch} is larger than the data set "
                                f"({len(self.source)} images)"])
+        if int(cfg.train.epochs * len(self.source)) < self.global_batch:
+            raise ConfigError([f"train.epochs: {cfg.train.epochs} epochs of {len(self.source)} images is less than "
+                               f"one step of {self.global_batch}; a run must train at least one step"])
         self.device = resolve_device(cfg.train.device, self.env.local_rank)
+        check_precision(cfg.train.precision, self.device, self.stream if self.env.is_main else None)
         if cfg.train.deterministic:
             use_deterministic_kernels()
         self.layout = memory_format(cfg.train)
@@ -506,5 +532,10 @@ def pretrain(cfg: Config, stream=None) -> dict:
         lock = FolderLock(cfg.run_dir, "pretraining") if env.is_main else contextlib.nullcontext()
         with lock:
             return Trainer(cfg, stream).fit()
+    except OSError as error:
+        # A full disk met anywhere else in the run folder (plan.json, TensorBoard, crops.png): the same one line.
+        if error.errno not in disk.NO_SPACE:
+            raise
+        raise disk.as_disk_error(error, cfg.run_dir, "the run folder") from error
     finally:
         destroy_process_group()

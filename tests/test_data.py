@@ -11,7 +11,7 @@ from data_pipelines.dali_feeder import JitterPlan, read_encoded
 from data_pipelines.image_header import encoded_size
 from data_pipelines.loaders import crop_dtype, multicrop_batches
 from data_pipelines.params import HUE
-from data_pipelines.sources import (RankBatches, SampleStream, UnreadableImage, build_source, digits,
+from data_pipelines.sources import (ClassMismatch, RankBatches, SampleStream, UnreadableImage, build_source, digits,
                                     export_image_folder, fashion_mnist, file_list, image_folder, random_subset)
 from data_pipelines.torchvision import MultiCropDataset, collate_multicrop, multicrop_loader
 from sslscale.config import load_config
@@ -115,6 +115,61 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="has no image files"):
         image_folder(str(tmp_path / "empty"))
+
+
+def tiny_image_folder(root, classes=("a", "b", "c"), per_class=2, size=(4, 4)):
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", size, (i * 40, 0, 0)).save(root / name / f"{i}.png")
+
+
+def test_a_stray_empty_class_folder_is_refused_by_name(tmp_path):
+    tiny_image_folder(tmp_path / "train")
+    (tmp_path / "train" / "a_stray").mkdir()
+    with pytest.raises(ClassMismatch, match="without images \\(a_stray\\)"):
+        image_folder(str(tmp_path / "train"))
+
+
+def test_val_classes_must_be_the_train_classes_which_define_the_labels(tmp_path):
+    tiny_image_folder(tmp_path / "train", ("a", "b", "c"))
+    tiny_image_folder(tmp_path / "val", ("a", "c", "d"))
+    cfg = DataConfig(source="folder", path=str(tmp_path))
+    with pytest.raises(ClassMismatch, match="missing b; extra d"):
+        build_source(cfg, "val")
+    # A directory symlink in train/ is a class folder too, so val must have it: the labels never shift silently.
+    tiny_image_folder(tmp_path / "val", ("b",))
+    os.rename(tmp_path / "val" / "d", tmp_path / "d_elsewhere")
+    assert build_source(cfg, "val").labels.tolist() == build_source(cfg, "train").labels.tolist()
+    os.symlink(tmp_path / "d_elsewhere", tmp_path / "train" / "aa_link")
+    with pytest.raises(ClassMismatch, match="missing aa_link"):
+        build_source(cfg, "val")
+
+
+def test_symlink_loops_are_skipped_and_counted(tmp_path):
+    tiny_image_folder(tmp_path / "train")
+    os.symlink("loop", tmp_path / "train" / "a" / "loop")  # points at itself
+    os.symlink(tmp_path / "train" / "b" / "x.png", tmp_path / "train" / "b" / "x.png")
+    os.symlink("zz_loop", tmp_path / "train" / "zz_loop")  # a loop where a class folder could be
+    source = image_folder(str(tmp_path / "train"))
+    assert len(source) == 6 and source.classes == ["a", "b", "c"]
+    assert len(source.skipped) == 3 and all("Too many levels of symbolic links" in s for s in source.skipped)
+
+
+def test_images_above_the_pixel_limit_are_skipped_before_decoding(tmp_path, monkeypatch):
+    tiny_image_folder(tmp_path / "train", size=(64, 32))
+    big = str(tmp_path / "train" / "a" / "0.png")
+    source = image_folder(str(tmp_path / "train"), max_pixels=64 * 32 - 1)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image above the limit"))
+    with pytest.raises(UnreadableImage, match="64x32 pixels is more than data.max_image_pixels"):
+        source.load(0)
+    with pytest.raises(UnreadableImage, match="data.max_image_pixels"):
+        read_encoded(big, max_pixels=64 * 32 - 1)
+    monkeypatch.undo()
+    assert read_encoded(big, max_pixels=64 * 32).width == 64
+    cfg = load_config(None, ["data.source=folder", f"data.path={tmp_path}", "data.max_image_pixels=100"])
+    assert build_source(cfg.data, "train").max_pixels == 100
+    assert load_config(None, []).data.max_image_pixels == 8192 * 8192
 
 
 @pytest.mark.skipif(not FASHION, reason="Debian's dataset-fashion-mnist is not installed (.ci/install installs it)")

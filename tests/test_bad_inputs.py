@@ -1,0 +1,73 @@
+"""Bad inputs that once gave a traceback, a kernel kill or silence: each is refused with one clear message."""
+import os
+import time
+
+import pytest
+
+from sslscale.cli import main
+from sslscale.config import ConfigError, load_config, load_yaml
+
+QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.yaml")
+
+
+def refused(capsys, argv, *words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(w in err for w in words), err
+    return err
+
+
+def test_a_config_path_that_is_a_folder_or_binary_is_refused(tmp_path, capsys):
+    refused(capsys, ["plan", str(tmp_path), "--dataset-size", "10"], "is a folder")
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    refused(capsys, ["plan", str(binary), "--dataset-size", "10"], "not a text file")
+
+
+def test_non_finite_numbers_are_refused(tmp_path):
+    for value in (".inf", "-.inf", ".nan", "inf"):
+        with pytest.raises(ConfigError, match="not a finite number"):
+            load_config(QUICKSTART, [f"train.epochs={value}"])
+    (tmp_path / "c.yaml").write_text("optim:\n  base_lr: .nan\n")
+    with pytest.raises(ConfigError, match="optim.base_lr: .*not a finite number"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
+def test_a_yaml_alias_bomb_and_a_huge_file_are_refused_at_once(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases expand to more than"):
+        load_config(str(tmp_path / "bomb.yaml"))
+    assert time.perf_counter() - start < 1
+    (tmp_path / "big.yaml").write_text("# padding\n" * 200_000)
+    with pytest.raises(ConfigError, match="bytes; a config is at most"):
+        load_config(str(tmp_path / "big.yaml"))
+    assert load_yaml("a: &t {b: 1}\nc: *t\n", "x") == {"a": {"b": 1}, "c": {"b": 1}}  # a few aliases stay allowed
+
+
+def test_a_run_that_would_train_no_step_is_refused(tmp_path, capsys):
+    from conftest import tiny_overrides
+    refused(capsys, ["pretrain", QUICKSTART, *tiny_overrides(tmp_path), "train.epochs=1e-9", "optim.warmup_epochs=0"],
+            "train.epochs", "at least one step")
+    assert not os.path.exists(os.path.join(tmp_path, "tiny", "config.yaml"))
+
+
+def test_fp16_on_a_cpu_is_refused_with_the_reason(tmp_path, capsys):
+    from conftest import tiny_overrides
+    refused(capsys, ["pretrain", QUICKSTART, *tiny_overrides(tmp_path), "train.precision=fp16"],
+            "train.precision: fp16 on a CPU", "slower")
+
+
+def test_submit_without_slurm_tools_touches_nothing(tmp_path, monkeypatch, capsys):
+    from launch import submit
+    monkeypatch.setenv("PATH", str(tmp_path / "empty_bin"))
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("kept: true\n")
+    args = [QUICKSTART, f"run.root={tmp_path / 'runs'}", "run.name=tiny", "slurm.cluster=slurm", "--force-new"]
+    assert submit.main(args) == 2
+    err = capsys.readouterr().err
+    assert "sbatch" in err and "not found on PATH" in err and "Traceback" not in err
+    assert (run_dir / "config.yaml").read_text() == "kept: true\n"  # not moved away by --force-new
