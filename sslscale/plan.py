@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from data_pipelines.augment import crop_sizes
+from sslscale.step_memory import estimate_step_memory
 from sslscale.config import Config
 from sslscale.model import build_model
 from sslscale.optim import build_schedule, peak_lr
@@ -161,6 +162,10 @@ def _make_plan(cfg: Config, dataset_size: int, world_size: int | None, flops: bo
         "strategy": cfg.dist.strategy,
         "memory_per_rank_bytes": memory_per_rank(params, cfg, world_size, buffers),
     }
+    per_rank = math.ceil(global_batch / world_size)
+    step_memory = estimate_step_memory(cfg, per_rank, world_size)
+    plan["step_memory_bytes"] = {**step_memory.as_dict(), "per_rank_batch": per_rank,
+                                 "device": step_memory.on_device("cuda"), "cpu": step_memory.on_device("cpu")}
     plan["flops_key"] = flops_key(cfg)
     if flops:
         same_model = previous.get("flops_key") == plan["flops_key"] and "train_step_flops" in previous.get(
@@ -221,5 +226,11 @@ def format_plan(plan: dict, title: str) -> str:
                      f"the whole run {plan['run_flops']:.3g} FLOP")
     lines.append(f"  memory      per rank ({plan['strategy']}, {plan['precision']}): weights {_bytes(memory['weights'])}"
                  f" + gradients {_bytes(memory['gradients'])} + optimizer {_bytes(memory['optimizer_state'])} + "
-                 f"buffers {_bytes(memory['buffers'])} = {_bytes(memory['total'])} (activations not included)")
+                 f"buffers {_bytes(memory['buffers'])} = {_bytes(memory['total'])}")
+    step = plan.get("step_memory_bytes")
+    if step is not None:  # plans written before the step estimate existed have none
+        lines.append(f"  step memory per rank at {step['per_rank_batch']} images, at least: activations "
+                     f"{_bytes(step['activations'])} + crops {_bytes(step['crops'])} + the above = "
+                     f"{_bytes(step['device'])}" + (f"; on a CPU also {_bytes(step['loader'])} of loader prefetch"
+                                                   if step["loader"] else ""))
     return "\n".join(lines)

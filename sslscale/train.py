@@ -27,6 +27,7 @@ from sslscale import dcp_io, disk
 from sslscale.atomic import write_json_atomic
 from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signature
 from sslscale.config import Config, ConfigError, dump_config, load_config
+from sslscale.step_memory import check_fits, estimate_step_memory
 from sslscale.run_folder import FolderLock, check_resume, describe_changes, keep_previous_config
 from sslscale.distributed import (AllGatherWithGrad, DistEnv, PeerWatch, RankFailure, destroy_process_group,
                                   init_process_group, is_collective_failure, local_gpu_index, read_env)
@@ -218,6 +219,7 @@ class Trainer:
             raise ConfigError([f"train.epochs: {cfg.train.epochs} epochs of {len(self.source)} images is less than "
                                f"one step of {self.global_batch}; a run must train at least one step"])
         self.device = resolve_device(cfg.train.device, self.env.local_rank)
+        self.refuse_a_step_that_cannot_fit()
         check_precision(cfg.train.precision, self.device, self.stream if self.env.is_main else None)
         if cfg.train.deterministic:
             use_deterministic_kernels()
@@ -285,6 +287,14 @@ class Trainer:
             f"  TensorBoard: tensorboard --logdir {os.path.join(cfg.run_dir, 'tb')}; console log: "
             f"{os.path.join(cfg.run_dir, 'console.log')}; checkpoints every {cfg.checkpoint.every_steps} steps in "
             f"{self.checkpointer.dir}"])
+
+    def refuse_a_step_that_cannot_fit(self) -> None:
+        """Every rank estimates its step (the same numbers on each) and stops before the process group and
+        the data start, rather than be killed for memory by the kernel or the GPU mid-step."""
+        per_rank = self.global_batch // self.env.world_size
+        problem = check_fits(estimate_step_memory(self.cfg, per_rank, self.env.world_size), self.device, per_rank)
+        if problem:
+            raise ConfigError([f"data.batch_size / data.crops: {problem}"])
 
     def show_plan(self) -> None:
         """What this run will do (sslscale plan), on the console and in plan.json of the run folder."""
