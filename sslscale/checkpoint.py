@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.utils._pytree import tree_map
 
 from sslscale import dcp_io
@@ -44,7 +46,8 @@ UNUSABLE_PREFIX = "unusable-"
 SMALL_PARTS = ("scaler", "progress", "monitor", "rng", "shape_signature")
 # Checkpoints written before the RNG state was stored as plain data hold NumPy's state as an array:
 # these (and only these) NumPy globals are allowed while loading, which build arrays and run nothing.
-_NUMPY_GLOBALS = [np.ndarray, np.dtype, getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                  getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
 
 
 class CheckpointMismatch(ValueError):
@@ -208,8 +211,8 @@ class Checkpointer:
         state = self.load_small_parts(name)
         try:
             state.update(dcp_io.read_full(self.path(name), prefix="model." if model_only else ""))
-        except Exception as error:  # noqa: BLE001  DCP's errors: a missing, truncated or refused shard
-            raise CheckpointUnusable(name, f"its shards cannot be read ({describe_error(error)})") from None
+        except (Exception, CheckpointException) as error:  # noqa: BLE001  a missing, truncated or refused shard
+            raise CheckpointUnusable(name, f"its DCP files cannot be read ({describe_error(error)})") from None
         check_parts(state, ("model", *(() if model_only else ("optimizer",))), name)
         return state
 
@@ -281,6 +284,11 @@ def _load_file(name: str, path: str):
         with torch.serialization.safe_globals(_NUMPY_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  any load error: this checkpoint cannot be used
+        refused = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)|but got (<[^>]+>)", str(error))
+        if refused:  # torch's weights_only refusal is a page of advice; the name it refused is the news
+            raise CheckpointUnusable(name, f"{os.path.basename(path)} cannot be loaded: it names "
+                                     f"{refused.group(1) or refused.group(2)}, which no checkpoint holds; refused "
+                                     "unrun (it could run code)") from None
         raise CheckpointUnusable(name, f"{os.path.basename(path)} cannot be loaded ({describe_error(error)})") \
             from None
 

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # DCP's load errors: a BaseException
 
 from data_pipelines.sources import build_source
 from data_pipelines.loaders import multicrop_batches
@@ -318,7 +319,7 @@ class Trainer:
                     problem = ("mismatch", str(error))
                 except CheckpointUnusable as error:
                     problem = ("unusable", error.problem)
-                except Exception as error:  # noqa: BLE001  any other loader error: this one cannot be used
+                except (Exception, CheckpointException) as error:  # noqa: BLE001  any other loader error
                     problem = ("unusable", describe_error(error))
             problem = self._first_over_ranks(problem)
             if problem is None:
@@ -376,7 +377,7 @@ class Trainer:
         model_state, optim_state = get_state_dict(self.core, self.optimizer)
         try:
             saved = dcp_io.saved_keys(ckpt.path(name))
-        except Exception as error:  # noqa: BLE001  a metadata file that cannot be read (or is refused)
+        except (Exception, CheckpointException) as error:  # noqa: BLE001  a metadata file that cannot be read
             raise CheckpointUnusable(name, f"{dcp_io.METADATA_FILE} cannot be read ({describe_error(error)})") \
                 from None
         missing = [k for k in model_state if f"model.{k}" not in saved]
