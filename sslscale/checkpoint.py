@@ -9,31 +9,46 @@ Either kind is written under a temp name in the same folder, then renamed and ma
 never leaves a half-written checkpoint under a real name. Both kinds hold the same state: "model"
 and "optimizer" (keyed by parameter names, as torch.distributed.checkpoint.state_dict gives them)
 and small parts (progress, RNG, ...); `load_full` reads either kind in one process.
+
+Every file's sha256 goes into the COMPLETE marker at commit time and is checked before a checkpoint is
+loaded (sslscale/checkpoint_integrity.py). Files are read weights_only, and DCP metadata through a
+restricted unpickler (sslscale/dcp_io.py): a run folder may be shared, and loading it must never run
+code that someone put there. A checkpoint found unusable by the trainer is renamed `unusable-<name>`:
+never tried again, and never counted (or pruned) as one of the `keep` good ones.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.utils._pytree import tree_map
 
 from sslscale import dcp_io, disk
 from sslscale.atomic import write_text_atomic
+from sslscale.checkpoint_integrity import (MARKER, SMALL_PARTS_FILE, STATE_FILE, CheckpointUnusable,
+                                           NoUsableCheckpoint, describe_error, file_records, find_problem,
+                                           marker_text)
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
-STATE_FILE = "state.pt"
-SMALL_PARTS_FILE = "extra.pt"  # a sharded checkpoint's unsharded parts (progress, RNG, monitor, ...)
+UNUSABLE_PREFIX = "unusable-"
+# The parts every checkpoint holds besides "model" and "optimizer"; one without them cannot resume.
+SMALL_PARTS = ("scaler", "progress", "monitor", "rng", "shape_signature")
+# Checkpoints written before the RNG state was stored as plain data hold NumPy's state as an array:
+# these (and only these) NumPy globals are allowed while loading, which build arrays and run nothing.
+_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                  getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
 
 
 class CheckpointMismatch(ValueError):
@@ -87,7 +102,8 @@ class Checkpointer:
             self._fresh_temp(name, os.getpid())
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sslscale-checkpoint")
-        self.pending = PendingWrite(self._writer.submit(_save_file, host_copy(state), path), tmp, name, step, True)
+        self.pending = PendingWrite(self._writer.submit(_save_and_hash, host_copy(state), path), tmp, name, step,
+                                    True, hashed=True)
 
     def save_sharded(self, step: int, shards: dict, small: dict, *, is_main: bool, async_group=None) -> None:
         """Collective: every rank passes its shards of "model" and "optimizer"; rank 0's `small` parts
@@ -124,9 +140,9 @@ class Checkpointer:
             return
         self.pending = None
         with self._cleaned_up_on_failure(pending.tmp, pending.name, remove=pending.is_main):
-            pending.future.result()  # a failed write raises here
+            result = pending.future.result()  # a failed write raises here
             if pending.is_main:
-                self._commit(pending.tmp, pending.name, pending.step)
+                self._commit(pending.tmp, pending.name, pending.step, result if pending.hashed else None)
 
     @contextlib.contextmanager
     def _cleaned_up_on_failure(self, tmp: str, name: str, remove: bool = True):
@@ -152,10 +168,13 @@ class Checkpointer:
         os.makedirs(tmp)
         return tmp
 
-    def _commit(self, tmp: str, name: str, step: int) -> str:
-        """Marks a fully written temp folder complete and gives it its real name."""
+    def _commit(self, tmp: str, name: str, step: int, files: dict | None = None) -> str:
+        """Marks a fully written temp folder complete, with the checksum of each of its files (every rank's
+        shards are on disk by now), and gives it its real name."""
         final = os.path.join(self.dir, name)
-        write_text_atomic(os.path.join(tmp, MARKER), json.dumps({"step": step, "time": time.time()}))
+        if files is None:
+            files = file_records(tmp)
+        write_text_atomic(os.path.join(tmp, MARKER), marker_text(step, time.time(), files))
         shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of an earlier crash
         os.rename(tmp, final)
         _fsync_dir(self.dir)
@@ -182,24 +201,57 @@ class Checkpointer:
     def is_sharded(self, name: str) -> bool:
         return os.path.exists(os.path.join(self.dir, name, dcp_io.METADATA_FILE))
 
-    def load_small_parts(self, name: str) -> dict:
-        return torch.load(os.path.join(self.dir, name, SMALL_PARTS_FILE), map_location="cpu", weights_only=False)
+    def verify(self, name: str) -> None:
+        """Raises CheckpointUnusable if a file of the checkpoint is missing or differs from its checksum."""
+        problem = find_problem(self.path(name))
+        if problem is not None:
+            raise CheckpointUnusable(name, problem)
 
-    def load_full(self, name: str, model_only: bool = False) -> dict:
-        """The whole state of a checkpoint of either kind, full tensors on the CPU, in this process."""
+    def set_aside(self, name: str) -> str:
+        """Renames an unusable checkpoint out of the way (kept for a look, not deleted); returns the new name."""
+        target = UNUSABLE_PREFIX + name
+        if os.path.exists(os.path.join(self.dir, target)):
+            target += f"-{int(time.time())}"
+        os.rename(self.path(name), os.path.join(self.dir, target))
+        _fsync_dir(self.dir)
+        return target
+
+    def load_small_parts(self, name: str) -> dict:
+        small = _load_file(name, os.path.join(self.dir, name, SMALL_PARTS_FILE))
+        check_parts(small, SMALL_PARTS, name)
+        return small
+
+    def load_full(self, name: str, model_only: bool = False, verify: bool = True) -> dict:
+        """The whole state of a checkpoint of either kind, full tensors on the CPU, in this process.
+        Raises CheckpointUnusable for any damage (checksums first, unless the caller checked them)."""
+        if verify:
+            self.verify(name)
         if not self.is_sharded(name):
-            return torch.load(os.path.join(self.dir, name, STATE_FILE), map_location="cpu", weights_only=False)
+            state = _load_file(name, os.path.join(self.dir, name, STATE_FILE))
+            check_parts(state, ("model", *(() if model_only else ("optimizer",)), *SMALL_PARTS), name)
+            return state
         state = self.load_small_parts(name)
-        state.update(dcp_io.read_full(self.path(name), prefix="model." if model_only else ""))
+        try:
+            state.update(dcp_io.read_full(self.path(name), prefix="model." if model_only else ""))
+        except (Exception, CheckpointException) as error:  # noqa: BLE001  a missing, truncated or refused shard
+            raise CheckpointUnusable(name, f"its DCP files cannot be read ({describe_error(error)})") from None
+        check_parts(state, ("model", *(() if model_only else ("optimizer",))), name)
         return state
 
     def load_latest(self, model_only: bool = False) -> tuple[dict, str] | None:
-        """The newest checkpoint that loads, falling back past corrupt ones (with a warning)."""
-        for name in self.newest_first():
+        """The newest usable checkpoint, falling back past unusable ones with one line each. For readers
+        (export, evaluation): the folder is left as it is, the trainer sets bad checkpoints aside. None if
+        there is no checkpoint; NoUsableCheckpoint if there are some and none is usable."""
+        names = self.newest_first()
+        problems = []
+        for name in names:
             try:
                 return self.load_full(name, model_only), name
-            except Exception as error:  # noqa: BLE001  any unreadable file means: try an older one
-                log.warning("checkpoint %s is unreadable (%s); falling back to an older one", self.path(name), error)
+            except CheckpointUnusable as error:
+                log.warning("%s (in %s); falling back to an older one", error, self.dir)
+                problems.append(error)
+        if names:
+            raise no_usable_checkpoint(self.dir, problems)
         return None
 
 
@@ -211,6 +263,7 @@ class PendingWrite:
     name: str
     step: int
     is_main: bool
+    hashed: bool = False  # whether the future's result is the file records (a single file, hashed by the writer)
 
 
 def host_copy(state):
@@ -239,6 +292,41 @@ def _save_file(obj, path: str) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _save_and_hash(obj, path: str) -> dict:
+    """A background single-file write: the writer thread also hashes it, not the training loop."""
+    _save_file(obj, path)
+    return file_records(os.path.dirname(path))
+
+
+def _load_file(name: str, path: str):
+    """weights_only: tensors and plain data only; a pickle that names anything else is refused, unrun."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  any load error: this checkpoint cannot be used
+        refused = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)|but got (<[^>]+>)", str(error))
+        if refused:  # torch's weights_only refusal is a page of advice; the name it refused is the news
+            raise CheckpointUnusable(name, f"{os.path.basename(path)} cannot be loaded: it names "
+                                     f"{refused.group(1) or refused.group(2)}, which no checkpoint holds; refused "
+                                     "unrun (it could run code)") from None
+        raise CheckpointUnusable(name, f"{os.path.basename(path)} cannot be loaded ({describe_error(error)})") \
+            from None
+
+
+def check_parts(state, parts, name: str) -> None:
+    """A checkpoint that loads but lacks a part would fail (or resume wrongly) half-way through restoring."""
+    missing = [part for part in parts if not isinstance(state, dict) or part not in state]
+    if missing:
+        raise CheckpointUnusable(name, f"it lacks {', '.join(missing)}")
+
+
+def no_usable_checkpoint(ckpt_dir: str, problems: list) -> NoUsableCheckpoint:
+    last = f" (newest: {problems[0].problem})" if problems else ""
+    return NoUsableCheckpoint(
+        f"no usable checkpoint in {ckpt_dir}: {len(problems)} tried, all unusable{last}. Put back a good copy of "
+        "a checkpoint, or start over: another run.name (or launch/submit.py --force-new)")
 
 
 def trunk_state(model_state: dict) -> dict:

@@ -1,4 +1,5 @@
-"""`sslscale pretrain | plan | bench | linear-eval | knn | export | prepare-data | imagenet-val | preview | recipes`.
+"""`sslscale pretrain | plan | bench | linear-eval | knn | export | verify | prepare-data | imagenet-val | preview |
+recipes`.
 
 Errors a user can fix (bad config, missing data, mismatched checkpoint) print one clear message and
 exit with status 2; a run stopped by a stop signal (train.stop_signals; a first Ctrl-C) exits with
@@ -14,6 +15,7 @@ import os
 import sys
 
 from sslscale.checkpoint import CheckpointMismatch
+from sslscale.checkpoint_integrity import NoUsableCheckpoint
 from sslscale.distributed import DistributedSetupError, RankFailure
 
 EXIT_USER_ERROR = 2
@@ -146,6 +148,14 @@ def _export(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    from sslscale.config import ConfigError
+    from sslscale.verify import verify_run
+    if not os.path.isdir(os.path.join(args.run_dir, "ckpt")):
+        raise ConfigError([f"{args.run_dir} is not a run folder (no ckpt/ in it)"])
+    return verify_run(args.run_dir, sys.stdout)
+
+
 def _prepare_data(args) -> int:
     from data_pipelines.config import DataConfig
     from data_pipelines.sources import build_source, export_image_folder
@@ -271,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="e.g. resnet50_dissl.pt")
     p.set_defaults(func=_export)
 
+    p = commands.add_parser("verify", help="check every checkpoint of a run against its checksums (no model is "
+                            "built); non-zero exit if the newest is bad")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_verify)
+
     p = commands.add_parser("prepare-data", help="write an embedded data set as an image folder of JPEGs")
     p.add_argument("source", choices=["fashion_mnist", "digits"])
     p.add_argument("dest", help="folder to create, with train/ and val/ inside")
@@ -328,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     is_main = read_env_or_main()
     try:
         return args.func(args)
-    except (ConfigError, CheckpointMismatch, DistributedSetupError, FileNotFoundError, FileExistsError,
-            TrunkFileError, ClassMismatch) as error:
+    except (ConfigError, CheckpointMismatch, NoUsableCheckpoint, DistributedSetupError, FileNotFoundError,
+            FileExistsError, TrunkFileError, ClassMismatch) as error:
         if is_main:
             print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -3,17 +3,85 @@ the model and optimizer state, rank 0 writes the metadata that maps shards to fu
 
 A DCP folder loads on any number of ranks (DCP reshards on load) and, through `read_full`, in one
 process with no process group at all (export, evaluation, tests).
+
+Reading never runs code from the folder: DCP's own reader unpickles `.metadata` with plain pickle and
+its planner loads non-tensor entries with torch.load(weights_only=False), either of which runs whatever
+a planted pickle asks. Every read here goes through SafeReader (an unpickler that knows only DCP's
+metadata classes and the torch types they hold) and SafeLoadPlanner (weights_only loads).
 """
 from __future__ import annotations
 
+import io
+import pathlib
+import pickle
 import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-METADATA_FILE = ".metadata"
+from sslscale.checkpoint_integrity import METADATA_FILE
+
+# What a DCP .metadata pickle may name: DCP's own dataclasses and enum, torch.Size, the dtypes and
+# layouts of the tensors, and the path it was saved to. Nothing that can run a command or import code.
+_METADATA_GLOBALS = {
+    **{("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
+       for name in ("Metadata", "MetadataIndex", "StorageMeta", "ChunkStorageMetadata", "TensorProperties",
+                    "TensorStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
+       if hasattr(dcp_metadata, name)},
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): dcp_filesystem._StorageInfo,
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+    ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS:
+            return _METADATA_GLOBALS[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{METADATA_FILE} names {module}.{name}, which a DCP checkpoint never "
+                                     "holds; refused (it could run code)")
+
+
+def load_metadata(stream) -> dcp_metadata.Metadata:
+    metadata = _MetadataUnpickler(stream).load()
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        raise pickle.UnpicklingError(f"{METADATA_FILE} holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata is unpickled with the restricted unpickler above."""
+
+    def read_metadata(self, *args, **kwargs):
+        rank = kwargs.get("rank")
+        path = self._get_metadata_path(rank) if hasattr(self, "_get_metadata_path") else self.path / METADATA_FILE
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = load_metadata(f)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner whose non-tensor entries (optimizer hyper-parameters) load weights_only."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner uses
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
 
 
 def save(state: dict, folder: str) -> None:
@@ -33,20 +101,18 @@ def load_into(state: dict, folder: str, allow_partial: bool = False) -> None:
     """Collective: fills `state` (this rank's shards, or full tensors) in place from `folder`, whatever
     the number of ranks that wrote it. A failure on any rank raises on every rank. allow_partial leaves
     entries the checkpoint does not have as they are (the caller checks which may be absent)."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    dcp.load(state, storage_reader=FileSystemReader(folder),
-             planner=DefaultLoadPlanner(allow_partial_load=allow_partial))
+    dcp.load(state, storage_reader=SafeReader(folder), planner=SafeLoadPlanner(allow_partial_load=allow_partial))
 
 
 def saved_keys(folder: str) -> set[str]:
     """The flat keys ('model.conv1.weight', 'optimizer.state.conv1.weight.momentum_buffer', ...) saved."""
-    return set(FileSystemReader(folder).read_metadata().state_dict_metadata)
+    return set(SafeReader(folder).read_metadata().state_dict_metadata)
 
 
 def read_full(folder: str, prefix: str = "") -> dict:
     """Full, unsharded tensors of the entries under `prefix` ("model." for weights only), as nested
     dicts the way they were saved, in this process alone."""
-    reader = FileSystemReader(folder)
+    reader = SafeReader(folder)
     metadata = reader.read_metadata()
     flat = {}
     for key, entry in metadata.state_dict_metadata.items():
@@ -58,7 +124,7 @@ def read_full(folder: str, prefix: str = "") -> dict:
             flat[key] = None  # any placeholder: DCP replaces it with the stored object
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(flat, storage_reader=reader, no_dist=True)
+        dcp.load(flat, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     return unflatten(flat, metadata.planner_data)
 
 

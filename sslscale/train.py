@@ -19,13 +19,15 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # DCP's load errors: a BaseException
 
 from data_pipelines.sources import build_source
 from data_pipelines.loaders import multicrop_batches
 from data_pipelines.preview import crop_grid, save_png
 from sslscale import dcp_io, disk
 from sslscale.atomic import write_json_atomic
-from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signature
+from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signature, no_usable_checkpoint
+from sslscale.checkpoint_integrity import CheckpointUnusable, describe_error
 from sslscale.config import Config, ConfigError, dump_config, load_config
 from sslscale.step_memory import check_fits, estimate_step_memory
 from sslscale.run_folder import FolderLock, check_resume, describe_changes, keep_previous_config
@@ -82,14 +84,19 @@ class RNGStates:
     """Python, NumPy and torch (CPU and CUDA) generators, saved and restored together."""
 
     def state_dict(self) -> dict:
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        # NumPy's state as plain data (a list, not an array): checkpoints load weights_only.
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {"python": random.getstate(), "numpy": (kind, [int(k) for k in keys], int(pos), int(has_gauss),
+                                                           float(cached)),
+                 "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        kind, keys, *rest = state["numpy"]  # an array in checkpoints written before plain data
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -312,27 +319,65 @@ class Trainer:
                                  peak_flops(self.device, self.cfg.train.precision), self.env.world_size)
 
     def restore(self) -> None:
-        """Resume from the newest checkpoint that reads; fall back past unreadable ones. If there are
-        checkpoints and none reads, stop: starting over would overwrite a run someone paid for."""
-        names = self.checkpointer.newest_first()
+        """Resume from the newest usable checkpoint. One that is damaged (checksums), incomplete or unreadable
+        is named in one line, set aside (renamed unusable-*) and the next older one is tried. All ranks take
+        the same decision: rank 0 lists the candidates and checks the checksums, and every rank's read result
+        is gathered before anyone goes on. If there are checkpoints and none is usable, stop: starting over
+        would overwrite a run someone paid for."""
+        names = self._from_rank_0(self.checkpointer.newest_first)
+        problems = []
         for name in names:
-            try:
-                state = self._read(name)
-            except CheckpointMismatch:
-                raise
-            except Exception as error:  # noqa: BLE001  an unreadable checkpoint: try an older one
+            problem = self._from_rank_0(lambda: self._checksum_problem(name))
+            state = None
+            if problem is None:
+                try:
+                    state = self._read(name)
+                except CheckpointMismatch as error:
+                    problem = ("mismatch", str(error))
+                except CheckpointUnusable as error:
+                    problem = ("unusable", error.problem)
+                except (Exception, CheckpointException) as error:  # noqa: BLE001  any other loader error
+                    problem = ("unusable", describe_error(error))
+            problem = self._first_over_ranks(problem)
+            if problem is None:
+                self._apply(*state)
                 if self.env.is_main:
-                    print(f"checkpoint {name} is unreadable ({type(error).__name__}: {error}); trying an older one",
-                          file=self.stream, flush=True)
-                continue
-            self._apply(*state)
-            if self.env.is_main:
-                print(f"resumed {self.cfg.run_dir} from {name} (step {self.progress.step})", file=self.stream,
-                      flush=True)
-            return
+                    print(f"resumed {self.cfg.run_dir} from {name} (step {self.progress.step})", file=self.stream,
+                          flush=True)
+                return
+            kind, text = problem
+            if kind == "mismatch":
+                raise CheckpointMismatch(text)
+            problems.append(CheckpointUnusable(name, text))
+            if self.env.is_main:  # every rank is done with it (the gather above): out of the way
+                moved = self.checkpointer.set_aside(name)
+                print(f"checkpoint {name} is unusable: {text}; set aside as ckpt/{moved}, trying an older one",
+                      file=self.stream, flush=True)
         if names:
-            raise RuntimeError(f"no checkpoint in {self.checkpointer.dir} can be read ({len(names)} tried); move "
-                               "them away to start this run over")
+            raise no_usable_checkpoint(self.checkpointer.dir, problems)
+
+    def _checksum_problem(self, name: str) -> tuple[str, str] | None:
+        try:
+            self.checkpointer.verify(name)
+        except CheckpointUnusable as error:
+            return ("unusable", error.problem)
+        return None
+
+    def _from_rank_0(self, compute):
+        """Rank 0's answer, on every rank (the others do not compute it)."""
+        if not self.env.is_distributed:
+            return compute()
+        box = [compute() if self.env.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _first_over_ranks(self, problem):
+        """The lowest rank's problem, on every rank: one rank that cannot read makes all fall back together."""
+        if not self.env.is_distributed:
+            return problem
+        problems = [None] * self.env.world_size
+        torch.distributed.all_gather_object(problems, problem)
+        return next((p for p in problems if p is not None), None)
 
     def _read(self, name: str) -> tuple[dict, dict, dict, bool]:
         """(model state, optimizer state, small parts, whether the states are full tensors) of either kind
@@ -341,13 +386,17 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import get_state_dict
         ckpt = self.checkpointer
         if not (ckpt.is_sharded(name) and self.sharded):
-            full = ckpt.load_full(name)
+            full = ckpt.load_full(name, verify=False)  # rank 0 has checked the checksums (restore)
             check_signature(full["shape_signature"], self.cfg.shape_signature(), f"checkpoint {name}")
             return full["model"], full["optimizer"], full, True
         small = ckpt.load_small_parts(name)
         check_signature(small["shape_signature"], self.cfg.shape_signature(), f"checkpoint {name}")
         model_state, optim_state = get_state_dict(self.core, self.optimizer)
-        saved = dcp_io.saved_keys(ckpt.path(name))
+        try:
+            saved = dcp_io.saved_keys(ckpt.path(name))
+        except (Exception, CheckpointException) as error:  # noqa: BLE001  a metadata file that cannot be read
+            raise CheckpointUnusable(name, f"{dcp_io.METADATA_FILE} cannot be read ({describe_error(error)})") \
+                from None
         missing = [k for k in model_state if f"model.{k}" not in saved]
         if missing:
             raise CheckpointMismatch(f"checkpoint {name} lacks model entries: {', '.join(missing[:5])}")
