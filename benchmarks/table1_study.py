@@ -13,6 +13,8 @@ and standard deviation over seeds), .png (bar plot) and .json
 (every run) to --out, with the commit and the machine they came from, and quickstart_results.md: the DISSL
 runs are the quickstart (configs/quickstart.yaml under another run name), seed by seed next to the random
 trunk. Both tables in README are these files. --from-json renders them again from a .json of an earlier run.
+Each run's result is also kept in --results (benchmarks/results/table1/ by default, in the repository): a run
+found there is not run again, so a study can be stopped and continued, on another day or machine.
 """
 from __future__ import annotations
 
@@ -43,14 +45,16 @@ def score(probe: str, result: dict) -> float:
     return result["best"]["test"]["top1"]
 
 
-def run(objective: str, seed: int, root: str, with_random_init: bool) -> dict:
-    """One pretrain + probe, or what an earlier invocation of this script measured for it: a study that was
-    stopped picks up where it was, and its finished runs keep the times they were measured with."""
-    kept = os.path.join(root, f"{objective}_seed{seed}", "study_result.json")
+def run(objective: str, seed: int, root: str, results: str, with_random_init: bool) -> dict:
+    """One pretrain + probe, or what an earlier invocation of this script measured for it (a file in
+    `results`): a study that was stopped, or spread over several sessions, picks up where it was, and its
+    finished runs keep the commit and times they were measured with. Delete a file to measure it again."""
+    kept = os.path.join(results, f"{objective}_seed{seed}.json")
     if os.path.exists(kept):
         with open(kept) as f:
             return json.load(f)
     result = pretrain_and_probe(objective, seed, root, with_random_init)
+    os.makedirs(results, exist_ok=True)
     with open(kept + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(kept + ".tmp", kept)
@@ -177,6 +181,8 @@ def main() -> None:
     parser.add_argument("--root", default=os.path.join(REPO, "checkpoints", "table1_study"),
                         help="where the run folders go")
     parser.add_argument("--out", default=os.path.join(REPO, "docs"), help="where the table and the plot go")
+    parser.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results", "table1"),
+                        help="each run's result, <objective>_seed<S>.json; runs found there are not run again")
     parser.add_argument("--from-json", default=None, help="render the tables and the plot from this .json of an "
                         "earlier run instead of training")
     args = parser.parse_args()
@@ -190,7 +196,7 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         for i, objective in enumerate(OBJECTIVES):
-            result = run(objective, seed, args.root, with_random_init=(i == 0))
+            result = run(objective, seed, args.root, args.results, with_random_init=(i == 0))
             runs.append(result)
             print(f"seed {seed} {objective}: " + ", ".join(f"{p} {v:.1f}" for p, v in
                                                           result["results"]["pretrained"].items())
