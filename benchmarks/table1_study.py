@@ -86,15 +86,32 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """{row name: {probe: (mean, std)}} for every objective and for the random-init trunk."""
+    """{row name: {probe: (mean, std), "runs": n}} for every objective that has runs and for the random-init
+    trunk."""
     rows = {}
     for objective in OBJECTIVES:
         mine = [r for r in runs if r["objective"] == objective]
-        rows[LABELS[objective]] = {p: mean_std([r["results"]["pretrained"][p] for r in mine]) for p in PROBES}
-        rows[LABELS[objective]]["minutes"] = mean_std([r["seconds_pretrain"] / 60 for r in mine])
+        if mine:
+            rows[LABELS[objective]] = {p: mean_std([r["results"]["pretrained"][p] for r in mine]) for p in PROBES}
+            rows[LABELS[objective]]["minutes"] = mean_std([r["seconds_pretrain"] / 60 for r in mine])
+            rows[LABELS[objective]]["runs"] = len(mine)
     randoms = [r["results"]["random_init"] for r in runs if "random_init" in r["results"]]
-    rows["random init"] = {p: mean_std([r[p] for r in randoms]) for p in PROBES}
+    if randoms:
+        rows["random init"] = {p: mean_std([r[p] for r in randoms]) for p in PROBES}
+        rows["random init"]["runs"] = len(randoms)
     return rows
+
+
+def found_runs(results: str, seeds: list[int]) -> list[dict]:
+    """The runs of `seeds` already measured (in --results), in the order the study runs them."""
+    runs = []
+    for seed in seeds:
+        for objective in OBJECTIVES:
+            path = os.path.join(results, f"{objective}_seed{seed}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    runs.append(json.load(f))
+    return runs
 
 
 def current_commit() -> str:
@@ -115,12 +132,12 @@ def provenance(runs: list[dict]) -> str:
 def markdown(rows: dict, seeds: list[int], where: str) -> str:
     lines = [f"Fashion-MNIST test top-1 (%) and RankMe, mean ± standard deviation over seeds "
              f"{', '.join(map(str, seeds))}; {where}.", "",
-             "| trunk | " + " | ".join(PROBES.values()) + " | pretraining minutes |",
-             "|---" * (len(PROBES) + 2) + "|"]
+             "| trunk | seeds | " + " | ".join(PROBES.values()) + " | pretraining minutes |",
+             "|---" * (len(PROBES) + 3) + "|"]
     for name, row in rows.items():
-        cells = [f"{row[p][0]:.1f} ± {row[p][1]:.1f}" for p in PROBES]
+        cells = [f"{row[p][0]:.1f} ± {row[p][1]:.1f}" if row["runs"] > 1 else f"{row[p][0]:.1f}" for p in PROBES]
         minutes = f"{row['minutes'][0]:.1f}" if "minutes" in row else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {minutes} |")
+        lines.append(f"| {name} | {row['runs']} | " + " | ".join(cells) + f" | {minutes} |")
     return "\n".join(lines)
 
 
@@ -131,11 +148,11 @@ def quickstart_markdown(runs: list[dict], where: str) -> str:
     lines = [f"Measured by `python benchmarks/table1_study.py` ({where}).", "",
              "| probe (test top-1, %) | seed | pretrained | random init | gain |", "|---|---|---|---|---|"]
     for probe in ("linear", "linear_10_per_class", "knn"):
-        for i, run in enumerate(r for r in runs if r["objective"] == "dissl"):
+        for i, run in enumerate(r for r in runs if r["objective"] == "dissl" and r["seed"] in randoms):
             mine, random = run["results"]["pretrained"][probe], randoms[run["seed"]][probe]
             lines.append(f"| {PROBES[probe] if i == 0 else ''} | {run['seed']} | {mine:.1f} | {random:.1f} | "
                          f"{mine - random:+.1f} |")
-    minutes = [r["seconds_pretrain"] / 60 for r in runs if r["objective"] == "dissl"]
+    minutes = [r["seconds_pretrain"] / 60 for r in runs if r["objective"] == "dissl" and r["seed"] in randoms]
     lines += ["", f"Pretraining took {min(minutes):.1f}-{max(minutes):.1f} minutes per seed on that machine."]
     return "\n".join(lines)
 
@@ -183,6 +200,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(REPO, "docs"), help="where the table and the plot go")
     parser.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results", "table1"),
                         help="each run's result, <objective>_seed<S>.json; runs found there are not run again")
+    parser.add_argument("--so-far", action="store_true", help="render the tables and the plot from the runs of "
+                        "--seeds found in --results, without training (a study still under way)")
     parser.add_argument("--from-json", default=None, help="render the tables and the plot from this .json of an "
                         "earlier run instead of training")
     args = parser.parse_args()
@@ -190,6 +209,10 @@ def main() -> None:
         with open(args.from_json) as f:
             saved = json.load(f)
         print(write_outputs(saved["runs"], saved["seeds"], saved["provenance"], args.out))
+        return
+    if args.so_far:
+        runs = found_runs(args.results, args.seeds)
+        print(write_outputs(runs, sorted({r["seed"] for r in runs}), provenance(runs), args.out))
         return
     if len(args.seeds) < 2:
         parser.error("--seeds: give at least two, the table reports a standard deviation")
