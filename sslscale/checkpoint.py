@@ -207,6 +207,12 @@ class Checkpointer:
         if problem is not None:
             raise CheckpointUnusable(name, problem)
 
+    def set_aside_names(self) -> list[str]:
+        """Checkpoints an earlier resume found unusable and renamed out of the way."""
+        if not os.path.isdir(self.dir):
+            return []
+        return sorted(n for n in os.listdir(self.dir) if n.startswith(UNUSABLE_PREFIX))
+
     def set_aside(self, name: str) -> str:
         """Renames an unusable checkpoint out of the way (kept for a look, not deleted); returns the new name."""
         target = UNUSABLE_PREFIX + name
@@ -322,11 +328,14 @@ def check_parts(state, parts, name: str) -> None:
         raise CheckpointUnusable(name, f"it lacks {', '.join(missing)}")
 
 
-def no_usable_checkpoint(ckpt_dir: str, problems: list) -> NoUsableCheckpoint:
-    last = f" (newest: {problems[0].problem})" if problems else ""
+def no_usable_checkpoint(ckpt_dir: str, problems: list, set_aside: list[str] = ()) -> NoUsableCheckpoint:
+    if problems:
+        found = f"{len(problems)} tried, all unusable (newest: {problems[0].problem})"
+    else:
+        found = f"the only ones were set aside as unusable by an earlier attempt ({', '.join(set_aside)})"
     return NoUsableCheckpoint(
-        f"no usable checkpoint in {ckpt_dir}: {len(problems)} tried, all unusable{last}. Put back a good copy of "
-        "a checkpoint, or start over: another run.name (or launch/submit.py --force-new)")
+        f"no usable checkpoint in {ckpt_dir}: {found}. Put back a good copy of a checkpoint, or start over: "
+        "another run.name (or launch/submit.py --force-new)")
 
 
 def trunk_state(model_state: dict) -> dict:

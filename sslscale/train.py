@@ -353,8 +353,11 @@ class Trainer:
                 moved = self.checkpointer.set_aside(name)
                 print(f"checkpoint {name} is unusable: {text}; set aside as ckpt/{moved}, trying an older one",
                       file=self.stream, flush=True)
-        if names:
-            raise no_usable_checkpoint(self.checkpointer.dir, problems)
+        # A run whose checkpoints were all set aside by an earlier attempt (a requeue, a rerun) has been
+        # trained: it must not start over silently either.
+        set_aside = self._from_rank_0(self.checkpointer.set_aside_names)
+        if names or set_aside:
+            raise no_usable_checkpoint(self.checkpointer.dir, problems, set_aside)
 
     def _checksum_problem(self, name: str) -> tuple[str, str] | None:
         try:

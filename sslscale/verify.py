@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from sslscale.checkpoint import UNUSABLE_PREFIX, Checkpointer
+from sslscale.checkpoint import Checkpointer
 from sslscale.checkpoint_integrity import find_problem, has_checksums
 
 
@@ -32,7 +32,7 @@ def verify_run(run_dir: str, stream) -> int:
         print(f"{name}  {line}", file=stream)
         if i == 0:
             newest_ok = problem is None
-    set_aside = sorted(n for n in os.listdir(checkpointer.dir) if n.startswith(UNUSABLE_PREFIX))
+    set_aside = checkpointer.set_aside_names()
     if set_aside:
         print(f"({len(set_aside)} set aside as unusable by an earlier resume: {', '.join(set_aside)})", file=stream)
     return 0 if newest_ok else 1

@@ -192,7 +192,14 @@ def test_when_every_checkpoint_is_bad_export_and_pretrain_say_so_in_one_line(mad
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and f"no usable checkpoint in {run_dir}/ckpt: 2 tried" in errors[0]
         assert "run.name" in errors[0] and "good copy" in errors[0]
-    assert not Checkpointer(run_dir, 2).complete()  # the trainer set both aside: a rerun starts over knowingly
+    assert not Checkpointer(run_dir, 2).complete()  # the trainer set both aside
+    # A rerun (or a requeue) finds only the set-aside ones: the run was trained, so it must not start over silently.
+    again = run_cli("pretrain", os.path.join(run_dir, "config.yaml"), *overrides, "train.max_steps=6",
+                    "eval.after_pretrain=false")
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr
+    assert "set aside as unusable by an earlier attempt (unusable-step_000000002, unusable-step_000000004)" in \
+        again.stderr and "run.name" in again.stderr
+    assert not Checkpointer(run_dir, 2).complete()
 
 
 def test_verify_names_each_checkpoint_and_fails_when_the_newest_is_bad(made, tmp_path, capsys):

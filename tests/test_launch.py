@@ -326,7 +326,9 @@ def test_a_crashing_job_is_requeued_a_bounded_number_of_times(tmp_path):
     assert log.count("crash 1 of at most 1") == 1 and "crash 2" not in log
     assert log.count("pretraining /") == 2  # the first run and one retry
     with open(tmp_path / "tiny" / "submitit" / f"{job_id}_0_log.err") as f:
-        assert "can be read (1 tried); move them away" in f.read()
+        errors = f.read()
+    # The retry finds the checkpoint the first attempt set aside, and refuses to start the trained run over.
+    assert "no usable checkpoint in" in errors and "set aside as unusable by an earlier attempt" in errors
 
 
 def test_sweeps_and_bad_input():
