@@ -153,7 +153,8 @@ def quickstart_markdown(runs: list[dict], where: str) -> str:
             lines.append(f"| {PROBES[probe] if i == 0 else ''} | {run['seed']} | {mine:.1f} | {random:.1f} | "
                          f"{mine - random:+.1f} |")
     minutes = [r["seconds_pretrain"] / 60 for r in runs if r["objective"] == "dissl" and r["seed"] in randoms]
-    lines += ["", f"Pretraining took {min(minutes):.1f}-{max(minutes):.1f} minutes per seed on that machine."]
+    span = f"{min(minutes):.1f}" if len(minutes) == 1 else f"{min(minutes):.1f}-{max(minutes):.1f}"
+    lines += ["", f"Pretraining took {span} minutes per seed on that machine."]
     return "\n".join(lines)
 
 
