@@ -46,8 +46,7 @@ class StepMemory:
 def count_activations(model: torch.nn.Module, cfg: Config, per_rank_batch: int) -> int:
     """Bytes autograd keeps for the backward pass of one step of `per_rank_batch` images, fp32, for a `model`
     on the meta device."""
-    with torch.device("meta"):
-        crops = [torch.empty(per_rank_batch, 3, size, size) for size in crop_sizes(cfg.data.crops)]
+    crops = [torch.empty(per_rank_batch, 3, size, size, device="meta") for size in crop_sizes(cfg.data.crops)]
     weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     kept: dict[int, int] = {}
 
