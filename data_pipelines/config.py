@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from data_pipelines.augment import AugmentSpec, CropGroup, blur_kernel_size, validate_crops
 
-SOURCES = ("fashion_mnist", "digits", "folder", "filelist")
+SOURCES = ("fashion_mnist", "digits", "synthetic", "folder", "filelist")
 BACKENDS = ("torchvision", "dali")
 DEVICES = ("cpu", "gpu")
 

@@ -70,7 +70,7 @@ def read_encoded(path: str, max_pixels: int | None = None) -> ReadImage:
 
 
 def read_decoded(source: ImageSource, index: int) -> ReadImage:
-    """In-memory sources (Fashion-MNIST, digits) skip the decoder: their pixels go in as HWC."""
+    """In-memory sources (Fashion-MNIST, digits, synthetic) skip the decoder: their pixels go in as HWC."""
     pixels = np.ascontiguousarray(source.load(index).permute(1, 2, 0).numpy())
     return ReadImage(pixels, pixels.shape[0], pixels.shape[1])
 

@@ -277,6 +277,27 @@ def digits(split: str) -> ArraySource:
     return ArraySource(images, data.target[order], [str(d) for d in range(10)])
 
 
+SYNTHETIC_SIZES = {"train": 2000, "val": 500}
+
+
+def synthetic(split: str) -> ArraySource:
+    """Gratings made by numpy alone, for machines with no data set and nothing beyond sslscale's requirements
+    (benchmarks/gpu_check.py on a bare GPU node): 10 classes of 32x32 grayscale sine gratings, one orientation
+    per class, with random phase, contrast and pixel noise; 2,000 train / 500 val images, fixed by the split.
+    Learnable, so losses move, but no benchmark: its accuracies say nothing about a method."""
+    rng = np.random.default_rng(SPLITS.index(split))
+    n = SYNTHETIC_SIZES[split]
+    labels = rng.integers(0, 10, n)
+    angle = labels * (np.pi / 10) + rng.normal(0, 0.05, n)
+    phase = rng.uniform(0, 2 * np.pi, n)
+    contrast = rng.uniform(50, 110, n)
+    y, x = np.mgrid[0:32, 0:32].astype(np.float64)
+    wave = np.sin(0.6 * (x[None] * np.cos(angle)[:, None, None] + y[None] * np.sin(angle)[:, None, None])
+                  + phase[:, None, None])
+    images = 128 + contrast[:, None, None] * wave + rng.normal(0, 12, (n, 32, 32))
+    return ArraySource(np.clip(np.round(images), 0, 255).astype(np.uint8), labels, [f"angle-{c}" for c in range(10)])
+
+
 def build_source(data_cfg, split: str) -> ImageSource:
     """The `split` ("train" or "val") of the source a DataConfig names. Label indices come from one place:
     the train split's class folders, which every other split must match."""
@@ -286,6 +307,8 @@ def build_source(data_cfg, split: str) -> ImageSource:
         return fashion_mnist(split, data_cfg.path)
     if data_cfg.source == "digits":
         return digits(split)
+    if data_cfg.source == "synthetic":
+        return synthetic(split)
     max_pixels = getattr(data_cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     if data_cfg.source == "folder":
         classes = None if split == "train" else class_folders(os.path.join(data_cfg.path, "train"))

@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_verify)
 
     p = commands.add_parser("prepare-data", help="write an embedded data set as an image folder of JPEGs")
-    p.add_argument("source", choices=["fashion_mnist", "digits"])
+    p.add_argument("source", choices=["fashion_mnist", "digits", "synthetic"])
     p.add_argument("dest", help="folder to create, with train/ and val/ inside")
     p.add_argument("--source-path", default=None, help="where the source's files are (fashion_mnist)")
     p.add_argument("--limit", type=int, default=None, help="write at most this many images per split")
