@@ -5,6 +5,7 @@
 #
 #   docker build -t sslscale:0.1.0 .
 #   docker run --rm --gpus all --ipc=host sslscale:0.1.0 sslscale pretrain configs/quickstart.yaml train.max_steps=50
+#   docker build --target compile -t sslscale:0.1.0-compile .   # with gcc and Python's headers: train.compile
 #
 # The base: torch 2.14.1's wheel is built for CUDA 13.0 and brings its CUDA libraries as pip packages
 # (cuda-toolkit 13.0.3, cuDNN, NCCL), and so does DALI's cuda130 wheel. The CUDA "base" flavour of the
@@ -41,7 +42,7 @@ COPY . .
 RUN "$VIRTUAL_ENV/bin/pip" install --no-cache-dir -c .ci/constraints.txt -e ".[${EXTRAS}]"
 
 
-FROM nvidia/cuda:13.0.3-base-ubuntu24.04
+FROM nvidia/cuda:13.0.3-base-ubuntu24.04 AS runtime
 
 # python3 without its -dev package: no compiler in this stage. slurm-client: scontrol, which submitit
 # runs to requeue a job from inside it (it reaches the cluster through the host's munge socket and SLURM
@@ -67,3 +68,19 @@ RUN install -d -o 10001 -g 10001 checkpoints
 # A numeric user: runtimes that look the name up on the host (Kubernetes' runAsNonRoot) cannot resolve a name.
 USER 10001:10001
 CMD ["sslscale", "--help"]
+
+
+# train.compile: torch.compile builds code while the job runs (Triton's kernel launchers in C on a GPU,
+# Inductor's C++ on a CPU), so it needs a compiler and Python's headers. They stay out of the default
+# image; this target adds them to it. sslscale refuses train.compile on an image without them.
+FROM runtime AS compile
+USER 0:0
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev python3-dev \
+    && rm -rf /var/lib/apt/lists/*
+USER 10001:10001
+
+
+# The default target (a plain `docker build`): the runtime image, no compiler.
+FROM runtime

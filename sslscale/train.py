@@ -29,6 +29,7 @@ from sslscale.atomic import write_json_atomic
 from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signature, no_usable_checkpoint
 from sslscale.checkpoint_integrity import CheckpointUnusable, describe_error
 from sslscale.config import Config, ConfigError, dump_config, load_config
+from sslscale.compile_toolchain import compile_toolchain_problem
 from sslscale.step_memory import check_fits, estimate_step_memory
 from sslscale.run_folder import FolderLock, check_resume, describe_changes, keep_previous_config
 from sslscale.distributed import (AllGatherWithGrad, DistEnv, PeerWatch, RankFailure, destroy_process_group,
@@ -228,6 +229,8 @@ class Trainer:
         self.device = resolve_device(cfg.train.device, self.env.local_rank)
         self.refuse_a_step_that_cannot_fit()
         check_precision(cfg.train.precision, self.device, self.stream if self.env.is_main else None)
+        if cfg.train.compile and (problem := compile_toolchain_problem(self.device.type)):
+            raise ConfigError([problem])
         if cfg.train.deterministic:
             use_deterministic_kernels()
         self.layout = memory_format(cfg.train)

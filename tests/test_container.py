@@ -55,6 +55,22 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
     return stages
 
 
+def stage_alias(stage: list[tuple[str, str]]) -> str | None:
+    """The name after `FROM base AS name`, if any."""
+    words = stage[0][1].split()
+    return words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+
+
+def resolved_stage(stages: list[list[tuple[str, str]]], index: int) -> list[tuple[str, str]]:
+    """A stage's instructions with those of the stages it is built FROM (by alias) before them: what the image
+    of that target contains."""
+    aliases = {stage_alias(stage): i for i, stage in enumerate(stages[:index])}
+    base = stages[index][0][1].split()[0]
+    if base in aliases:
+        return resolved_stage(stages, aliases[base]) + stages[index][1:]
+    return stages[index]
+
+
 def pins() -> dict[str, str]:
     found = {}
     with open(CONSTRAINTS) as f:
@@ -112,7 +128,9 @@ def test_the_image_installs_the_pinned_releases_which_agree_with_torch_setup_cfg
     (cuda,) = [spec.version for spec in torch_needs["cuda-toolkit"].specifier if spec.operator == "=="]
     major, minor = cuda.split(".")[:2]
     assert torch.version.cuda == f"{major}.{minor}"
-    bases = {args.split()[0] for stage in dockerfile_stages() for op, args in stage if op == "FROM"}
+    stages = dockerfile_stages()
+    aliases = {stage_alias(stage) for stage in stages}
+    bases = {args.split()[0] for stage in stages for op, args in stage if op == "FROM"} - aliases
     assert bases == {f"nvidia/cuda:{cuda}-base-ubuntu24.04"}
     assert f"nvidia-dali-cuda{major}0" in pinned  # DALI built for the same CUDA major release
     assert requirements_of("torchvision")["torch"].specifier.contains(pinned["torch"])
@@ -124,20 +142,43 @@ def test_the_image_installs_the_pinned_releases_which_agree_with_torch_setup_cfg
     assert {r.name for r in extras if r.marker.evaluate({"extra": "dali"})} == {f"nvidia-dali-cuda{major}0"}
 
 
+def apt_packages(stage: list[tuple[str, str]]) -> set[str]:
+    found = set()
+    for op, args in stage:
+        if op == "RUN" and "apt-get install" in args:
+            found |= set(args.split("--no-install-recommends")[1].split("&&")[0].split())
+    return found
+
+
+def is_compiler(package: str) -> bool:
+    return bool(re.fullmatch(r"(gcc|g\+\+|clang|make|build-essential|cmake)(-.*)?|.*-dev", package))
+
+
 def test_the_final_stage_has_no_compiler_has_slurm_clients_and_runs_as_a_numeric_non_root_user():
-    build, final = dockerfile_stages()
-    apt = " ".join(args for op, args in final if op == "RUN" and "apt-get install" in args)
-    packages = set(apt.split("--no-install-recommends")[1].split("&&")[0].split())
+    stages = dockerfile_stages()
+    final = resolved_stage(stages, len(stages) - 1)  # what a plain `docker build` makes
+    packages = apt_packages(final)
     assert {"python3", "slurm-client", "libibverbs1", "ibverbs-providers"} <= packages
-    compilers = {p for p in packages if re.fullmatch(r"(gcc|g\+\+|clang|make|build-essential|cmake)(-.*)?|.*-dev", p)}
-    assert not compilers
+    assert not {p for p in packages if is_compiler(p)}
     assert ("COPY", "--from=build /opt/sslscale /opt/sslscale") in final
-    (user,) = [args for op, args in final if op == "USER"]
-    uid, _, gid = user.partition(":")
+    users = [args for op, args in final if op == "USER"]
+    uid, _, gid = users[-1].partition(":")
     assert uid.isdigit() and int(uid) > 0 and gid.isdigit()
     # launch/submit.py starts this Python inside the image unless slurm.container_python says otherwise.
     (venv,) = {m.group(1) for op, args in final if op == "ENV" for m in [re.search(r"VIRTUAL_ENV=(\S+)", args)] if m}
     assert SlurmConfig().container_python == f"{venv}/bin/python"
+
+
+def test_the_compile_target_adds_what_torch_compile_needs_to_the_final_image_and_stays_non_root():
+    stages = dockerfile_stages()
+    (compile_index,) = [i for i, stage in enumerate(stages) if stage_alias(stage) == "compile"]
+    final, compile_target = resolved_stage(stages, len(stages) - 1), resolved_stage(stages, compile_index)
+    assert compile_target[:len(final)] == final  # the runtime image plus compilers, nothing else changed
+    added = apt_packages(compile_target) - apt_packages(final)
+    assert {"gcc", "g++", "python3-dev"} <= added  # Triton's launchers (C), Inductor's CPU kernels (C++), Python.h
+    def last_user(stage):
+        return [args for op, args in stage if op == "USER"][-1]
+    assert last_user(compile_target) == last_user(final)  # root only for apt, then back to the image's user
 
 
 def dockerignore_excludes(path: str, patterns: list[tuple[re.Pattern, bool]]) -> bool:
