@@ -283,6 +283,7 @@ class EvalConfig:
     compare_random_init: bool = True  # probe a randomly initialised trunk of the same shape too
     labels_per_class: list[int] = field(default_factory=list)  # extra probes on few labels per class
     train_images: int | None = None  # probe on a seeded subset of the train split (None: all of it)
+    val_images: int | None = None  # test on a seeded subset of the val split (quick checks; None: all of it)
     # Other layers to probe next to the trunk output: module paths inside the saved model. Paths under
     # `encoder.` are read during the trunk's forward (spatial maps are average-pooled); any other path
     # names a module inside a head, and the head (its first two path parts, e.g. objective.teacher_head)
@@ -620,8 +621,9 @@ def _validate_eval(v: EvalConfig) -> list[str]:
     e += [f"eval.labels_per_class: {n} must be > 0" for n in v.labels_per_class if n <= 0]
     if len(set(v.labels_per_class)) != len(v.labels_per_class):
         e.append(f"eval.labels_per_class: {v.labels_per_class} names a budget twice")
-    if v.train_images is not None:
-        e += _positive("eval.train_images", v.train_images)
+    for key in ("train_images", "val_images"):
+        if getattr(v, key) is not None:
+            e += _positive(f"eval.{key}", getattr(v, key))
     for path in v.layers:
         parts = path.split(".")
         if not all(parts) or (parts[0] != "encoder" and len(parts) < 3):

@@ -159,7 +159,7 @@ def _evaluate(cfg: Config, trunk_file: str | None, eval_dir: str, output: str, s
     started = time.time()
     train_full = build_source(cfg.data, "train")
     sources = {"train": random_subset(train_full, cfg.eval.train_images, cfg.run.seed),
-               "val": build_source(cfg.data, "val")}
+               "val": random_subset(build_source(cfg.data, "val"), cfg.eval.val_images, cfg.run.seed)}
     check_classes(train_full, sources["val"])
     subjects = file_subjects(cfg, trunk_file) if trunk_file else run_subjects(cfg)
     device = resolve_device(cfg.train.device, env.local_rank)
