@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import resource
+import shutil
 import tempfile
 import time
 import warnings
@@ -147,8 +148,9 @@ def bench_config(cfg: Config) -> Config:
 
 def run_bench(cfg: Config, *, steps: int, warmup: int, measurements=MEASUREMENTS) -> list[dict]:
     """Every measurement, plus a last record with the data-stall fraction."""
-    trainer = Trainer(bench_config(cfg), stream=io.StringIO())
+    cfg = bench_config(cfg)
     try:
+        trainer = Trainer(cfg, stream=io.StringIO())
         trainer.model.train()
         trainer.monitor.start(0)
         per_rank = cfg.data.batch_size // trainer.env.world_size
@@ -173,6 +175,7 @@ def run_bench(cfg: Config, *, steps: int, warmup: int, measurements=MEASUREMENTS
         return results
     finally:
         destroy_process_group()
+        shutil.rmtree(cfg.run.root, ignore_errors=True)  # the bench's own temporary run folder
 
 
 def format_table(results: list[dict]) -> str:

@@ -1,6 +1,10 @@
 """`sslscale bench` on the CPU (a smoke test of every measurement; the figures are not checked), and MFU."""
+import glob
 import json
 import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 
@@ -9,9 +13,12 @@ from sslscale.cli import main
 from sslscale.monitor import Monitor
 from tests.conftest import tiny_overrides
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_bench_measures_the_step_the_data_and_both_together(tmp_path, capsys):
     overrides = tiny_overrides(tmp_path / "runs", "train.check_every_steps=2")
+    bench_folders = set(glob.glob(os.path.join(tempfile.gettempdir(), "sslscale-bench-*")))
     assert main(["bench", "configs/quickstart.yaml", *overrides, "--steps", "2", "--warmup", "1", "--json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     by_name = {r["measurement"]: r for r in records}
@@ -26,6 +33,21 @@ def test_bench_measures_the_step_the_data_and_both_together(tmp_path, capsys):
     stall = by_name["summary"]["data_stall_fraction"]
     assert stall == pytest.approx(1 - by_name["end_to_end"]["images_per_s"] / by_name["step"]["images_per_s"])
     assert not os.path.exists(tmp_path / "runs")  # the bench trains in a folder of its own
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "sslscale-bench-*"))) == bench_folders  # and removes it
+
+
+def test_the_gpu_check_runs_on_a_cpu_in_smoke_mode(tmp_path):
+    """benchmarks/gpu_check.py --cpu-smoke: the script itself stays runnable between GPU sessions (the checks
+    that train several runs are left out here for time; NCCL is skipped without a GPU)."""
+    out = tmp_path / "gpu_check"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(out), "--cpu-smoke", "--only",
+                           "environment,recipe_step,nccl_batchnorm"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = {r["check"]: r for r in json.loads((out / "checks.json").read_text())}
+    assert [records[c]["status"] for c in ("environment", "recipe_step", "nccl_batchnorm")] == ["pass", "pass", "skip"]
+    (run,) = records["recipe_step"]["runs"].values()
+    assert run["images_per_s"] > 0 and run["nonfinite_steps"] == 0 and run["precision"] == "bf16"
+    assert "measurement" in (out / "bench_table.txt").read_text()
 
 
 def test_bench_prints_a_table_and_refuses_bad_flags(tmp_path, capsys):
