@@ -244,12 +244,17 @@ def test_a_compiled_trunk_trains_as_the_eager_one(tmp_path):
     """train.compile: torch.compile of the trunk (minutes of compilation on a GPU recipe, seconds here). The
     compiler reorders float arithmetic, so after two steps the weights agree to rounding, not bitwise."""
     from sslscale.config import load_config
-    runs = {}
+    from torch._dynamo.utils import counters
+    runs, graphs = {}, {}
     for compiled in (False, True):
         cfg = load_config(None, tiny_overrides(tmp_path / str(compiled), "train.max_steps=2",
                                                f"train.compile={str(compiled).lower()}"))
+        counters.clear()
         pretrain(cfg)
-        runs[compiled] = final_state(cfg)
+        runs[compiled], graphs[compiled] = final_state(cfg), counters["stats"]["unique_graphs"]
+    # The compiled run really ran dynamo graphs (a compile that silently fell back to eager would pass the
+    # comparison below), and the eager one none.
+    assert graphs[True] > 0 and graphs[False] == 0
     eager, compiled = runs[False]["model"], runs[True]["model"]
     assert eager.keys() == compiled.keys()  # the same checkpoint layout
     torch.manual_seed(0)
