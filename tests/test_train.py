@@ -1,5 +1,4 @@
 import os
-import signal
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ from sslscale import train as train_module
 from sslscale.checkpoint import Checkpointer, CheckpointMismatch
 from sslscale.config import ConfigError
 from sslscale.model import SSLModel, build_model
-from sslscale.train import EXIT_STOPPED_FOR_REQUEUE, TooManyNonFiniteLosses, clip_gradients, pretrain
+from sslscale.train import TooManyNonFiniteLosses, clip_gradients, pretrain
 from tests.conftest import tiny_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,24 +219,6 @@ def test_cli_reports_bad_input_without_a_traceback_and_writes_nothing(tmp_path):
     result = run_cli("pretrain", os.path.join(REPO, "configs", "quickstart.yaml"), f"run.root={tmp_path}",
                      env={**os.environ, "RANK": "5", "WORLD_SIZE": "2"})
     assert result.returncode == 2 and "rank 5 is outside world size 2" in result.stderr
-
-
-def test_sigterm_stops_at_a_step_boundary_saves_and_exits_for_requeue(tmp_path):
-    args = ["pretrain", os.path.join(REPO, "configs", "quickstart.yaml"),
-            *tiny_overrides(tmp_path), "train.epochs=100", "checkpoint.every_steps=100000"]
-    process = subprocess.Popen([sys.executable, "-m", "sslscale.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if line.startswith("step 3/"):
-            process.send_signal(signal.SIGTERM)
-            break
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == EXIT_STOPPED_FOR_REQUEUE, stderr
-    assert "stopped by signal SIGTERM" in stderr
-    saved = Checkpointer(str(tmp_path / "tiny"), 2).complete()
-    assert len(saved) == 1 and int(saved[0].split("_")[1]) >= 3
-    resumed = run_cli(*args[:-2], "train.max_steps=8")
-    assert resumed.returncode == 0 and f"from {saved[0]}" in resumed.stdout
 
 
 def test_a_compiled_trunk_trains_as_the_eager_one(tmp_path):
