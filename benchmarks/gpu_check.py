@@ -7,7 +7,8 @@ submitit are optional: what needs them is skipped, with a message).
 Checks, each passed, failed or skipped:
   environment      torch, CUDA, the device, the optional packages
   recipe_step      the d8192 m8 recipe's training step on synthetic crops at per-GPU batch 320 (halved until it
-                   fits), bf16 and fp16 (bf16 only with --cpu-smoke: fp16 is refused on a CPU), eager and compiled: images/s, MFU, peak memory, host syncs per step
+                   fits), bf16 and fp16 (bf16 only with --cpu-smoke: fp16 is refused on a CPU), eager and
+                   compiled: images/s, MFU, peak memory, host syncs per step
   objectives       60 steps of DISSL, CISSL, SimCLR and DINO through `sslscale pretrain` on synthetic gratings
                    (data.source=synthetic: no data set or scikit-learn needed), every logged loss finite
   resume_bitwise   a run killed with SIGKILL mid-way and resumed ends bitwise where an uninterrupted run ends
