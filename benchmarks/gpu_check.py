@@ -91,7 +91,8 @@ def environment(checks: Checks, device: str):
 
 def recipe_step(checks: Checks, smoke: bool):
     from sslscale.bench import format_table, run_bench
-    from sslscale.config import ConfigError, load_config
+    from sslscale.config import load_config
+    from sslscale.step_memory import StepDoesNotFit
     results, table_rows = {}, []
     compile_options = (False,) if smoke else (False, True)
     for precision in ("bf16",) if smoke else ("bf16", "fp16"):
@@ -109,11 +110,9 @@ def recipe_step(checks: Checks, smoke: bool):
                     record = run_bench(load_config(RECIPE, overrides), steps=3 if smoke else 10,
                                        warmup=1 if smoke else 3, measurements=["step"])[0]
                     break
-                except (torch.OutOfMemoryError, ConfigError) as error:
-                    # Too big either way: the trainer's estimate refuses before the step (ConfigError, e.g. on a
-                    # 40 GB card), or the allocator fails in it (the estimate is a lower bound).
-                    if isinstance(error, ConfigError) and "memory" not in str(error):
-                        raise
+                except (torch.OutOfMemoryError, StepDoesNotFit) as error:
+                    # Too big either way: the trainer's estimate refuses before the step (e.g. on a 40 GB card),
+                    # or the allocator fails in it (the estimate is a lower bound).
                     torch.cuda.empty_cache()
                     batch //= 2
                     checks.log(f"{precision} compiled={compiled}: does not fit ({str(error).splitlines()[0][:120]}), "

@@ -31,10 +31,10 @@ def cxx_compiler() -> str | None:
     return os.environ.get("CXX") or _first_on_path("g++", "clang++")
 
 
-def python_headers() -> str | None:
-    """Python.h of this interpreter, which both compilers include; Debian's python3 without -dev lacks it."""
-    header = os.path.join(sysconfig.get_paths()["include"], "Python.h")
-    return header if os.path.exists(header) else None
+def python_header() -> str:
+    """Where Python.h of this interpreter is, which both compilers include; Debian's python3 without -dev
+    lacks it."""
+    return os.path.join(sysconfig.get_paths()["include"], "Python.h")
 
 
 def compile_toolchain_problem(device_type: str) -> str | None:
@@ -44,9 +44,8 @@ def compile_toolchain_problem(device_type: str) -> str | None:
     else:
         compiler, wanted = cxx_compiler(), "a C++ compiler ($CXX, g++ or clang++) for Inductor's CPU kernels"
     missing = [] if compiler else [wanted]
-    if python_headers() is None:
-        missing.append(f"Python's headers ({os.path.join(sysconfig.get_paths()['include'], 'Python.h')}; "
-                       f"Debian/Ubuntu: python3-dev)")
+    if not os.path.exists(python_header()):
+        missing.append(f"Python's headers ({python_header()}; Debian/Ubuntu: python3-dev)")
     if not missing:
         return None
     return (f"train.compile: torch.compile needs {' and '.join(missing)} on this machine, and they are missing; "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from data_pipelines.augment import crop_sizes
-from sslscale.config import Config
+from sslscale.config import Config, ConfigError
 from sslscale.model import build_model
 
 PREFETCH_FACTOR = 4  # data_pipelines/torchvision.py: batches each DataLoader worker keeps ready
@@ -131,6 +131,11 @@ def describe(memory: StepMemory, device_type: str) -> str:
         parts.append(f"loader prefetch {gib(memory.loader)}")
     parts.append(f"weights, gradients and optimizer {gib(memory.model_state)}")
     return f"{' + '.join(parts)} = {gib(memory.on_device(device_type))}"
+
+
+class StepDoesNotFit(ConfigError):
+    """A config whose training step cannot fit the device: a smaller per-rank batch might (benchmarks that
+    search for the largest batch catch this one)."""
 
 
 def check_fits(memory: StepMemory, device: torch.device, per_rank_batch: int) -> str | None:

@@ -30,7 +30,7 @@ from sslscale.checkpoint import Checkpointer, CheckpointMismatch, check_signatur
 from sslscale.checkpoint_integrity import CheckpointUnusable, describe_error
 from sslscale.config import Config, ConfigError, dump_config, load_config
 from sslscale.compile_toolchain import compile_toolchain_problem
-from sslscale.step_memory import check_fits, estimate_step_memory
+from sslscale.step_memory import StepDoesNotFit, check_fits, estimate_step_memory
 from sslscale.run_folder import FolderLock, check_resume, describe_changes, keep_previous_config
 from sslscale.distributed import (AllGatherWithGrad, DistEnv, PeerWatch, RankFailure, destroy_process_group,
                                   init_process_group, is_collective_failure, local_gpu_index, read_env)
@@ -304,7 +304,7 @@ class Trainer:
         per_rank = self.global_batch // self.env.world_size
         problem = check_fits(estimate_step_memory(self.cfg, per_rank, self.env.world_size), self.device, per_rank)
         if problem:
-            raise ConfigError([f"data.batch_size / data.crops: {problem}"])
+            raise StepDoesNotFit([f"data.batch_size / data.crops: {problem}"])
 
     def show_plan(self) -> None:
         """What this run will do (sslscale plan), on the console and in plan.json of the run folder."""

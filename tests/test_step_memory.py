@@ -8,8 +8,7 @@ import torch
 
 from sslscale import step_memory
 from sslscale.cli import main
-from sslscale.config import ConfigError
-from sslscale.step_memory import StepMemory, check_fits, count_activations, estimate_step_memory
+from sslscale.step_memory import StepDoesNotFit, StepMemory, check_fits, count_activations, estimate_step_memory
 from sslscale.train import pretrain
 
 
@@ -51,7 +50,7 @@ def test_a_crop_far_larger_than_the_images_is_refused_before_the_run_starts(tiny
     """The digits are 8 px; crops of 4,000 px need terabytes of activations: refused with the numbers, before
     the data, the process group or the run's config.yaml."""
     cfg = tiny_config("data.crops=[{size: 4000, count: 2}]")
-    with pytest.raises(ConfigError, match=r"one training step needs at least activations .* per rank at 32 "
+    with pytest.raises(StepDoesNotFit, match=r"one training step needs at least activations .* per rank at 32 "
                                           r"images per rank, more than the .* of available host memory"):
         pretrain(cfg)
     assert not os.path.exists(os.path.join(cfg.run_dir, "config.yaml"))
