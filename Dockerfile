@@ -11,7 +11,7 @@
 # (cuda-toolkit 13.0.3, cuDNN, NCCL), and so does DALI's cuda130 wheel. The CUDA "base" flavour of the
 # same release adds what the container runtimes need (the CUDA runtime, the forward-compatibility
 # libraries, NVIDIA_REQUIRE_CUDA for the driver check) and no second copy of cuBLAS & co., which the
-# "runtime" flavour would add and nothing would load. tests/test_container.py checks this tag against
+# "runtime" flavour would add and nothing would load. tests/launch/test_container.py checks this tag against
 # the cuda-toolkit release torch's metadata asks for.
 
 FROM nvidia/cuda:13.0.3-base-ubuntu24.04 AS build

@@ -26,8 +26,8 @@ RELEASED = {
 
 def _entry(name: str, dim):
     def build(weights: str | None = None):
+        from sslscale.checkpoint.trunk_file import load_state, read_trunk_file
         from sslscale.models.backbones import ResNetTrunk
-        from sslscale.trunk_file import load_state, read_trunk_file
         trunk = ResNetTrunk("resnet50", width=64, dim=dim, small_image_stem=False)
         if weights is not None:
             state, _ = read_trunk_file(weights)

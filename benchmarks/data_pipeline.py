@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_pipelines.loaders import multicrop_batches  # noqa: E402
 from data_pipelines.sources import image_folder  # noqa: E402
 from sslscale.config import load_config  # noqa: E402
-from sslscale.train import compute_dtype  # noqa: E402
+from sslscale.train.device import compute_dtype  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {  # the crops of the paper's recipes, read from their configs

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sslscale.config import load_config  # noqa: E402
-from sslscale.distributed import AllGatherWithGrad  # noqa: E402
+from sslscale.dist.collectives import AllGatherWithGrad  # noqa: E402
 from sslscale.objectives.dissl import dissl_loss, entropy  # noqa: E402
 
 

@@ -20,13 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from sslscale.checkpoint.trunk_file import save_trunk_file  # noqa: E402
 from sslscale.config import load_config  # noqa: E402
+from sslscale.eval.cache import CachedSplit  # noqa: E402
 from sslscale.eval.probes import probe_features  # noqa: E402
 from sslscale.eval.run import evaluate  # noqa: E402
-from sslscale.eval.cache import CachedSplit  # noqa: E402
 from sslscale.models import build_trunk  # noqa: E402
-from sslscale.train import resolve_device  # noqa: E402
-from sslscale.trunk_file import save_trunk_file  # noqa: E402
+from sslscale.train.device import resolve_device  # noqa: E402
 
 
 def timed(fn):

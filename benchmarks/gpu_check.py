@@ -90,9 +90,9 @@ def environment(checks: Checks, device: str):
 
 
 def recipe_step(checks: Checks, smoke: bool):
-    from sslscale.bench import format_table, run_bench
     from sslscale.config import load_config
-    from sslscale.step_memory import StepDoesNotFit
+    from sslscale.cost.step_memory import StepDoesNotFit
+    from sslscale.train.bench import format_table, run_bench
     results, table_rows = {}, []
     compile_options = (False,) if smoke else (False, True)
     for precision in ("bf16",) if smoke else ("bf16", "fp16"):
@@ -103,7 +103,7 @@ def recipe_step(checks: Checks, smoke: bool):
                              f"train.compile={str(compiled).lower()}", "train.device=auto"]
                 if smoke:
                     # Crops large enough that the last stage never convolves a 1x1 map at stride 2: torch's CPU
-                    # bf16 backward of that shape reads uninitialised memory (tests/test_train.py).
+                    # bf16 backward of that shape reads uninitialised memory (tests/train/test_train.py).
                     overrides += ["model.width=8", "data.crops=[{size: 64, count: 2}, {size: 32, count: 6, "
                                   "scale: [0.05, 0.3]}]", "objective.dissl.n_classes=256"]
                 try:
@@ -170,7 +170,7 @@ def objectives(checks: Checks, device: str):
 
 
 def resume_bitwise(checks: Checks, device: str):
-    from sslscale.checkpoint import Checkpointer
+    from sslscale.checkpoint.store import Checkpointer
     common = [*SMALL, "train.max_steps=40", "checkpoint.every_steps=10", "train.log_every_steps=1",
               "train.deterministic=true", f"train.device={device}",
               f"train.precision={'bf16' if device == 'cuda' else 'fp32'}"]
@@ -191,7 +191,8 @@ def resume_bitwise(checks: Checks, device: str):
 
 def nccl_batchnorm(checks: Checks, device: str):
     import torch.distributed as dist
-    from sslscale.distributed import CrossRankBatchNorm
+
+    from sslscale.dist.batchnorm import CrossRankBatchNorm
     if device != "cuda":
         return "skip", {"reason": "NCCL needs a GPU"}
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

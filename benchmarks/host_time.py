@@ -41,9 +41,10 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, os.path.abspath(args.repo))
     import torch
+
     from data_pipelines.loaders import multicrop_batches
     from sslscale.config import load_config
-    from sslscale.train import Trainer
+    from sslscale.train.loop import Trainer
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config(None, [*OVERRIDES, *args.overrides, f"run.root={root}"])

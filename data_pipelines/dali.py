@@ -29,12 +29,12 @@ import logging
 import numpy as np
 import torch
 
-from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, blur_kernel_size
+from data_pipelines import worker_signals
+from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, CropGroup, blur_kernel_size
 from data_pipelines.batch import Batch
 from data_pipelines.dali_feeder import StepFeeder
 from data_pipelines.params import BRIGHTNESS, CONTRAST, HUE
 from data_pipelines.sources import ImageSource, UnreadableImage, first_readable
-from sslscale import stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,8 @@ def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device
     feeder_workers > 0 runs the feeder in that many worker processes (DALI's parallel external source),
     each computing whole steps ahead; 0 runs it on the calling thread. Crops come out as [B, H, W, 3]
     (channels_last) or [B, 3, H, W], in `dtype` (one of CROP_DTYPES)."""
-    from nvidia.dali import fn, pipeline_def, types
-
     import nvidia.dali.math as dmath
+    from nvidia.dali import fn, pipeline_def, types
 
     interpolation = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
     blur_window = blur_kernel_size(spec.blur_sigma[1])
@@ -234,8 +233,8 @@ class MultiCropPipeline:
                                    dtype=self.dtype)
         # DALI starts the feeder workers here and offers no hook inside them: they inherit a mask that blocks
         # the stop signals (SIGINT and the configured ones included), so a scheduler's signal to every process
-        # of the job leaves them running, and the trainer decides (sslscale/stop_signals.py).
-        with stop_signals.blocked():
+        # of the job leaves them running, and the trainer decides (data_pipelines/worker_signals.py).
+        with worker_signals.blocked():
             self.pipe.build()
 
     def __next__(self) -> Batch:

@@ -17,9 +17,10 @@ from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, CropGroup, b
 from data_pipelines.batch import Batch
 from data_pipelines.params import CropParams, jitter_ranges
 from data_pipelines.sources import ImageSource, RankBatches, SampleStream, first_readable
+
 # Workers ignore the stop signals that SLURM, systemd and Ctrl-C send to every process: one dying of
-# SIGTERM would fail the step the trainer wants to finish and save (sslscale/stop_signals.py).
-from sslscale.stop_signals import WorkerInit
+# SIGTERM would fail the step the trainer wants to finish and save (data_pipelines/worker_signals.py).
+from data_pipelines.worker_signals import WorkerInit
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST}

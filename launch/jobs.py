@@ -2,7 +2,7 @@
 number of times, crashes) and the linear probe of a run's newest checkpoint.
 
 Stop protocol. SLURM sends SIGUSR2 to every process of the job `signal_delay_s` before the time limit
-(and SIGTERM on pre-emption or scancel). One StopSignals object (sslscale/stop_signals.py) handles them,
+(and SIGTERM on pre-emption or scancel). One StopSignals object (sslscale/train/stop_signals.py) handles them,
 not submitit, through pretraining and the probe after it; worker processes ignore them. In training all
 ranks agree to stop at the next step boundary, save one complete checkpoint and raise StoppedForRequeue;
 in the probe the finished feature blocks are kept. After SIGUSR2, rank 0 hands the signal on to
@@ -81,12 +81,13 @@ class PretrainJob(submitit.helpers.Checkpointable):
         return f"{python} -m sslscale.cli pretrain {shlex.quote(self.config_path)}"
 
     def __call__(self) -> str:
-        from sslscale.checkpoint import CheckpointMismatch
-        from sslscale.config import ConfigError
-        from sslscale.distributed import DistributedSetupError
-        from sslscale.run_folder import load_run_config
+        from sslscale.checkpoint.run_folder import load_run_config
+        from sslscale.checkpoint.store import CheckpointMismatch
         from sslscale.cli import pretrain_then_probe
-        from sslscale.train import StoppedForRequeue, TooManyNonFiniteLosses
+        from sslscale.config import ConfigError
+        from sslscale.dist.process_group import DistributedSetupError
+        from sslscale.train.loop import TooManyNonFiniteLosses
+        from sslscale.train.stop_signals import StoppedForRequeue
         env = submitit.JobEnvironment()
         export_rank_variables(env)
         cfg = load_run_config(os.path.dirname(self.config_path))  # the folder is the run, wherever it now is
@@ -130,9 +131,9 @@ class EvalJob(submitit.helpers.Checkpointable):
         return f"{python} " + shlex.join(["-m", "sslscale.cli", "linear-eval", self.run_dir, *self.overrides])
 
     def __call__(self) -> dict | str | None:
+        from sslscale.checkpoint.run_folder import load_run_config
         from sslscale.eval.run import evaluate
-        from sslscale.run_folder import load_run_config
-        from sslscale.train import StoppedForRequeue
+        from sslscale.train.stop_signals import StoppedForRequeue
         env = submitit.JobEnvironment()
         export_rank_variables(env)
         cfg = load_run_config(self.run_dir, self.overrides)

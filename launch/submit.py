@@ -29,9 +29,12 @@ import submitit  # noqa: E402
 from launch import cluster as slurm_cluster  # noqa: E402
 from launch import container  # noqa: E402
 from launch.jobs import EvalJob, PretrainJob  # noqa: E402
-from sslscale.config import Config, ConfigError, dump_config, load_config  # noqa: E402
-from sslscale.disk import EXIT_DISK_ERROR, DiskError  # noqa: E402
-from sslscale.run_folder import load_run_config  # noqa: E402
+from sslscale.checkpoint.disk import EXIT_DISK_ERROR, DiskError  # noqa: E402
+from sslscale.checkpoint.run_folder import (
+    dump_config,
+    load_run_config,  # noqa: E402
+)
+from sslscale.config import Config, ConfigError, load_config  # noqa: E402
 
 EXIT_USER_ERROR = 2
 PRETRAIN_JOB_FILE = "pretrain_job_id"  # in <run>/submitit/: lets --eval wait for a queued pretraining job
@@ -89,7 +92,8 @@ def submitit_folder(run_dir: str) -> str:
 
 def prepare_run_folder(cfg: Config, force_new: bool, dry_run: bool, world_size: int) -> str:
     """Checks the run folder and saves the resolved config in it; returns the config's path."""
-    from sslscale.train import check_run_folder, preflight
+    from sslscale.checkpoint.run_folder import check_run_folder
+    from sslscale.train.preflight import preflight
     run_dir = cfg.run_dir
     saved_path = os.path.join(run_dir, "config.yaml")
     if os.path.exists(saved_path):

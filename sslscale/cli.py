@@ -4,7 +4,7 @@ recipes`.
 Errors a user can fix (bad config, missing data, mismatched checkpoint) print one clear message and
 exit with status 2; a run stopped by a stop signal (train.stop_signals; a first Ctrl-C) exits with
 EXIT_STOPPED_FOR_REQUEUE after saving a checkpoint; a second Ctrl-C aborts with 130 (stop_signals.py);
-a save that fails for lack of space or permission exits with EXIT_DISK_ERROR (74, sslscale/disk.py)
+a save that fails for lack of space or permission exits with EXIT_DISK_ERROR (74, sslscale/checkpoint/disk.py)
 after removing what it half wrote.
 """
 from __future__ import annotations
@@ -14,9 +14,10 @@ import logging
 import os
 import sys
 
-from sslscale.checkpoint import CheckpointMismatch
-from sslscale.checkpoint_integrity import NoUsableCheckpoint
-from sslscale.distributed import DistributedSetupError, RankFailure
+from sslscale.checkpoint.integrity import NoUsableCheckpoint
+from sslscale.checkpoint.store import CheckpointMismatch
+from sslscale.dist.peer_watch import RankFailure
+from sslscale.dist.process_group import DistributedSetupError
 
 EXIT_USER_ERROR = 2
 
@@ -28,11 +29,11 @@ def pretrain_then_probe(cfg) -> None:
     One StopSignals object hears the stop signals from start to end, so a signal in either stage (or
     between them) ends the job with a checkpoint / the finished feature blocks, and StoppedForRequeue.
     A rerun finds the pretraining done (nothing to train) and probes from the feature cache."""
-    from sslscale.console import console_log
-    from sslscale.distributed import read_env
+    from sslscale.dist.process_group import read_env
     from sslscale.eval.run import evaluate_run
-    from sslscale.stop_signals import StopSignals
-    from sslscale.train import StoppedForRequeue, describe_signal, pretrain
+    from sslscale.train.console import console_log
+    from sslscale.train.loop import pretrain
+    from sslscale.train.stop_signals import StoppedForRequeue, StopSignals, describe_signal
     is_main = read_env().is_main
     with console_log(cfg.run_dir, is_main, " ".join(sys.argv)) as log_only, \
             StopSignals(cfg.train.stop_signals, announce=is_main) as stop:
@@ -60,7 +61,7 @@ def _plan(args) -> int:
 
     from data_pipelines.sources import build_source
     from sslscale.config import ConfigError, load_config
-    from sslscale.plan import format_plan, make_plan
+    from sslscale.cost.plan import format_plan, make_plan
     cfg = load_config(args.config, args.overrides)
     if args.world_size is not None and args.world_size < 1:
         raise ConfigError([f"--world-size: {args.world_size}; must be >= 1"])
@@ -82,9 +83,9 @@ def _plan(args) -> int:
 
 
 def _bench(args) -> int:
-    from sslscale.bench import MEASUREMENTS, print_results, run_bench
     from sslscale.config import ConfigError, load_config
-    from sslscale.distributed import read_env
+    from sslscale.dist.process_group import read_env
+    from sslscale.train.bench import MEASUREMENTS, print_results, run_bench
     cfg = load_config(args.config, args.overrides)
     only = args.only.split(",") if args.only else list(MEASUREMENTS)
     unknown = [m for m in only if m not in MEASUREMENTS]
@@ -101,9 +102,9 @@ def _bench(args) -> int:
 
 def _evaluate(args, output: str, extra: list[str]) -> int:
     """A run folder (its config and newest checkpoint) or a trunk file (with --config for data and eval)."""
+    from sslscale.checkpoint.run_folder import load_run_config
     from sslscale.config import ConfigError, load_config
     from sslscale.eval.run import evaluate
-    from sslscale.run_folder import load_run_config
     overrides = [*args.overrides, *extra]
     if os.path.isfile(args.target):
         if args.config is None:
@@ -128,10 +129,10 @@ def _knn(args) -> int:
 
 
 def _export(args) -> int:
-    from sslscale.checkpoint import Checkpointer, trunk_state
+    from sslscale.checkpoint.run_folder import load_run_config
+    from sslscale.checkpoint.store import Checkpointer, trunk_state
+    from sslscale.checkpoint.trunk_file import TrunkFileError, save_trunk_file
     from sslscale.config import ConfigError
-    from sslscale.run_folder import load_run_config
-    from sslscale.trunk_file import TrunkFileError, save_trunk_file
     cfg = load_run_config(args.run_dir)
     restored = Checkpointer(cfg.run_dir, cfg.checkpoint.keep).load_latest(model_only=True)
     if restored is None:
@@ -149,8 +150,8 @@ def _export(args) -> int:
 
 
 def _verify(args) -> int:
+    from sslscale.checkpoint.verify import verify_run
     from sslscale.config import ConfigError
-    from sslscale.verify import verify_run
     if not os.path.isdir(os.path.join(args.run_dir, "ckpt")):
         raise ConfigError([f"{args.run_dir} is not a run folder (no ckpt/ in it)"])
     return verify_run(args.run_dir, sys.stdout)
@@ -215,7 +216,7 @@ def _preview(args) -> int:
 
 
 def _recipes(args) -> int:
-    from sslscale.recipes import CONFIGS_DIR, list_recipes
+    from sslscale.config.recipes import CONFIGS_DIR, list_recipes
     recipes = list_recipes()
     width = max(len(name) for name, _ in recipes)
     for name, line in recipes:
@@ -318,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_env_or_main() -> bool:
     """Whether this process is rank 0 (launcher variables that make no sense count as rank 0: it must speak)."""
-    from sslscale.distributed import read_env
+    from sslscale.dist.process_group import read_env
     try:
         return read_env().is_main
     except DistributedSetupError:
@@ -327,10 +328,11 @@ def read_env_or_main() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     from data_pipelines.sources import ClassMismatch
+    from sslscale.checkpoint.disk import EXIT_DISK_ERROR, DiskError
+    from sslscale.checkpoint.trunk_file import TrunkFileError
     from sslscale.config import ConfigError
-    from sslscale.disk import EXIT_DISK_ERROR, DiskError
-    from sslscale.train import EXIT_STOPPED_FOR_REQUEUE, StoppedForRequeue, TooManyNonFiniteLosses
-    from sslscale.trunk_file import TrunkFileError
+    from sslscale.train.loop import TooManyNonFiniteLosses
+    from sslscale.train.stop_signals import EXIT_STOPPED_FOR_REQUEUE, StoppedForRequeue
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -1,5 +1,9 @@
 import os
+import re
+import shutil
+import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -24,6 +28,12 @@ TINY = [
 ]
 
 
+def fail_on_our_deprecations() -> None:
+    """setup.cfg's filterwarnings, for a process a test started (a rank of a multi-process test)."""
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("error", category=category, module="(sslscale|data_pipelines|launch)")
+
+
 def tiny_overrides(root, *extra):
     return [*TINY, f"run.root={root}", *extra]
 
@@ -34,3 +44,46 @@ def tiny_config(tmp_path):
     def make(*extra):
         return load_config(None, tiny_overrides(tmp_path / "runs", *extra))
     return make
+
+
+# The one-node SLURM cluster of the launcher tests (.ci/slurm-cluster), shared by tests/launch/.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER_SCRIPT = os.path.join(REPO, ".ci", "slurm-cluster")
+SLURM_CONF = "/tmp/sslscale-slurm/slurm.conf"
+
+
+def cluster_answers() -> bool:
+    if shutil.which("sinfo") is None or not os.path.exists(SLURM_CONF):
+        return False
+    try:
+        result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10,
+                                env={**os.environ, "SLURM_CONF": SLURM_CONF})
+    except subprocess.TimeoutExpired:
+        return False
+    return result.returncode == 0 and re.search(r"idle|mix|alloc", result.stdout) is not None
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running cluster: the one already up, or one started here (and stopped at the end)."""
+    started = False
+    if not cluster_answers():
+        can_start = os.geteuid() == 0 and shutil.which("slurmctld") and shutil.which("munged")
+        if can_start:
+            subprocess.run(["bash", CLUSTER_SCRIPT, "start"], check=True, capture_output=True, timeout=120)
+            started = True
+        if not cluster_answers():
+            reason = ("no SLURM cluster: install the daemons and start one with `bash .ci/slurm-cluster start` "
+                      "(as root)")
+            if os.environ.get("SSLSCALE_REQUIRE_SLURM"):
+                pytest.fail(reason)
+            pytest.skip(reason)
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = SLURM_CONF
+    yield SLURM_CONF
+    if previous is None:
+        os.environ.pop("SLURM_CONF")
+    else:
+        os.environ["SLURM_CONF"] = previous
+    if started:
+        subprocess.run(["bash", CLUSTER_SCRIPT, "stop"], capture_output=True, timeout=120)

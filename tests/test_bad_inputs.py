@@ -6,8 +6,9 @@ import pytest
 
 from sslscale.cli import main
 from sslscale.config import ConfigError, load_config, load_yaml
+from tests.conftest import REPO
 
-QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.yaml")
+QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 
 
 def refused(capsys, argv, *words):
@@ -48,14 +49,14 @@ def test_a_yaml_alias_bomb_and_a_huge_file_are_refused_at_once(tmp_path):
 
 
 def test_a_run_that_would_train_no_step_is_refused(tmp_path, capsys):
-    from conftest import tiny_overrides
+    from tests.conftest import tiny_overrides
     refused(capsys, ["pretrain", QUICKSTART, *tiny_overrides(tmp_path), "train.epochs=1e-9", "optim.warmup_epochs=0"],
             "train.epochs", "at least one step")
     assert not os.path.exists(os.path.join(tmp_path, "tiny", "config.yaml"))
 
 
 def test_fp16_on_a_cpu_is_refused_with_the_reason(tmp_path, capsys):
-    from conftest import tiny_overrides
+    from tests.conftest import tiny_overrides
     refused(capsys, ["pretrain", QUICKSTART, *tiny_overrides(tmp_path), "train.precision=fp16"],
             "train.precision: fp16 on a CPU", "slower")
 

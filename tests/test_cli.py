@@ -6,12 +6,10 @@ import torch
 from PIL import Image
 
 from data_pipelines.preview import HEADER, PAD
-
 from sslscale.cli import main
 from sslscale.models import ResNetTrunk
-from tests.conftest import tiny_overrides
+from tests.conftest import REPO, tiny_overrides
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 
 

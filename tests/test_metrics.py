@@ -8,10 +8,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sslscale.config import load_config
 from sslscale.metrics import GramAccumulator, rankme
-from sslscale.rankme_tracker import RankMeTracker
-from sslscale.train import pretrain
+from sslscale.train.loop import pretrain
+from sslscale.train.rankme_tracker import RankMeTracker
 from tests.conftest import tiny_overrides
-from tests.test_distributed import run_world
+from tests.dist.test_distributed import run_world
 
 
 def test_rankme_counts_the_directions_features_use():

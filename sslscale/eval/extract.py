@@ -17,10 +17,19 @@ import torch.distributed as dist
 
 from data_pipelines.sources import Subset
 from data_pipelines.torchvision import eval_loader
-from sslscale.eval.cache import (FINGERPRINT_FILE, TRUNK, BlockWriter, CachedSplit, block_problem, block_ranges,
-                                 drop_block, prepare_folder, remove_leftovers)
+from sslscale.eval.cache import (
+    FINGERPRINT_FILE,
+    TRUNK,
+    BlockWriter,
+    CachedSplit,
+    block_problem,
+    block_ranges,
+    drop_block,
+    prepare_folder,
+    remove_leftovers,
+)
 from sslscale.eval.features import LayerTaps, recompute_bn_statistics
-from sslscale.monitor import format_duration
+from sslscale.train.monitor import format_duration
 
 
 class ExtractionStopped(Exception):

@@ -11,7 +11,7 @@ from sslscale.eval.cache import TRUNK, CachedSplit
 from sslscale.eval.knn import knn_probe
 from sslscale.eval.linear import FeatureSource, HeadGroup, per_class_subset, split_validation, train_groups
 from sslscale.metrics import GramAccumulator
-from sslscale.monitor import format_duration
+from sslscale.train.monitor import format_duration
 
 
 def budget_name(per_class: int | None) -> str:

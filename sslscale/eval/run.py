@@ -15,17 +15,19 @@ from dataclasses import dataclass, field
 import torch
 
 from data_pipelines.sources import build_source, random_subset
-from sslscale.checkpoint import Checkpointer, check_signature, trunk_state
+from sslscale.checkpoint.lock import FolderLock
+from sslscale.checkpoint.store import Checkpointer, check_signature, trunk_state
+from sslscale.checkpoint.trunk_file import TrunkFileError, build_from_shape, load_state, load_trunk_file
 from sslscale.config import Config, ConfigError
-from sslscale.distributed import DistEnv, destroy_process_group, init_process_group, read_env
+from sslscale.dist.process_group import DistEnv, destroy_process_group, init_process_group, read_env
 from sslscale.eval.cache import TRUNK, tensor_digest
 from sslscale.eval.extract import ExtractionStopped, build_cache
 from sslscale.eval.features import BN_RECALIBRATION_IMAGES, LayerTaps
 from sslscale.eval.probes import probe_features
 from sslscale.models import build_trunk
-from sslscale.run_folder import FolderLock
-from sslscale.train import StoppedForRequeue, StopSignal, build_model, memory_format, resolve_device
-from sslscale.trunk_file import TrunkFileError, build_from_shape, load_state, load_trunk_file
+from sslscale.objectives.ssl_model import build_model
+from sslscale.train.device import memory_format, resolve_device
+from sslscale.train.stop_signals import StoppedForRequeue, StopSignals
 
 CACHE_FORMAT = 1  # bump when what a cached block holds changes meaning
 
@@ -167,7 +169,7 @@ def _evaluate(cfg: Config, trunk_file: str | None, eval_dir: str, output: str, s
     store = init_process_group(env, device, cfg.dist.timeout_s)
     try:
         # The job's object where the probe follows pretraining in one process (cli.pretrain_then_probe).
-        with StopSignal(cfg.train.stop_signals, announce=env.is_main) as stop:
+        with StopSignals(cfg.train.stop_signals, announce=env.is_main) as stop:
             def stop_requested() -> bool:
                 return stop.received is not None
 

@@ -76,7 +76,7 @@ class DINO(Objective):
     def after_optimizer_step(self, step: int, encoder, skip: torch.Tensor) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student, as one lerp over all tensors; a skipped
         step (skip = 1, on the device) moves nothing, as the student did not move."""
-        from sslscale.optim import local
+        from sslscale.dist.parallel import local
         momentum = cosine_momentum(self.cfg.momentum_start, step, self.ctx.total_steps)
         teacher = [*self.teacher_encoder.parameters(), *self.teacher_head.parameters()]
         student = [*encoder.parameters(), *self.student_head.parameters()]

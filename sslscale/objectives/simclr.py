@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from sslscale.models.heads import build_head
-from sslscale.objectives.cissl import two_view_columns
 from sslscale.objectives.base import Objective, ObjectiveContext
+from sslscale.objectives.cissl import two_view_columns
 from sslscale.objectives.gather import Gather, or_local
 
 
