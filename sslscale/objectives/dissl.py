@@ -57,10 +57,12 @@ def dissl_loss(teacher_logits: list[torch.Tensor], student_logits: list[torch.Te
 
 
 def warmed_up_beta(beta: float, lam: float, step: int, warmup_steps: int) -> float:
-    """beta_t = lam + (beta - lam) * (t + 1) / T_w for t < T_w: start invariance at lam, ease to beta."""
-    if step >= warmup_steps:
+    """beta_t = lam + (beta - lam) * (t + 2) / T_w for the 0-based step t: start invariance near lam, ease to
+    beta, reached at t = T_w - 2. The authors' loss increments its step counter before it uses it, so their
+    first step already sees (1 + 1) / T_w (docs/method.md section 1)."""
+    if step + 2 >= warmup_steps:
         return beta
-    return lam + (beta - lam) * (step + 1) / warmup_steps
+    return lam + (beta - lam) * (step + 2) / warmup_steps
 
 
 class DISSL(Objective):
