@@ -1,11 +1,17 @@
 """The points where the paper's recipes follow the authors' code exactly, each against a number computed by
 hand or by the authors' own formula (docs/method.md says which recipe sets which option)."""
+import math
+import os
+
 import pytest
 
+from sslscale.config import ConfigError, load_config
 from sslscale.models.heads import build_head
 from sslscale.objectives.dissl import warmed_up_beta
+from sslscale.optim import WarmupCosine, build_schedule
 
 C = 16384
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def n_params(module) -> int:
@@ -50,3 +56,76 @@ def test_beta_warmup_values_at_the_ends():
     assert warmed_up_beta(0.6, 2.3, 997, 1000) == pytest.approx(2.3 - 1.7 * 999 / 1000)  # 0.6017
     assert warmed_up_beta(0.6, 2.3, 998, 1000) == 0.6  # reached exactly, one step before T_w - 1
     assert warmed_up_beta(0.6, 2.3, 3, 0) == 0.6  # no warm-up
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The small-data schedule: pl_bolts' LinearWarmupCosineAnnealingLR, stepped once per epoch from lr 0
+
+
+def pl_bolts_lr(epoch: int, base_lr: float, warmup_epochs: int, max_epochs: int, warmup_start_lr: float = 0.0,
+                eta_min: float = 0.0) -> float:
+    """pl_bolts' LinearWarmupCosineAnnealingLR._get_closed_form_lr, as the authors' scheduler runs it."""
+    if epoch < warmup_epochs:
+        return warmup_start_lr + epoch * (base_lr - warmup_start_lr) / max(1, warmup_epochs - 1)
+    return eta_min + 0.5 * (base_lr - eta_min) * (
+        1 + math.cos(math.pi * (epoch - warmup_epochs) / (max_epochs - warmup_epochs)))
+
+
+TINYIMAGENET = 100_000
+
+
+def small_data_schedule(name="dissl_resnet18_tinyimagenet_baseline", *overrides):
+    cfg = load_config(os.path.join(CONFIGS, f"{name}.yaml"), list(overrides))
+    return cfg, build_schedule(cfg, TINYIMAGENET, cfg.data.batch_size)
+
+
+def test_the_small_data_lr_at_epochs_0_1_9_10():
+    cfg, schedule = small_data_schedule()
+    peak = 2e-3  # 2e-3 x 256 / 256
+    assert schedule(0) == 0.0  # epoch 0 trains at lr 0
+    assert schedule(1 * TINYIMAGENET) == pytest.approx(peak / 9)
+    assert schedule(9 * TINYIMAGENET) == pytest.approx(peak)  # the peak comes at epoch 9 ...
+    assert schedule(10 * TINYIMAGENET) == pytest.approx(peak)  # ... and the cosine starts from it at epoch 10
+    assert schedule(155 * TINYIMAGENET) == pytest.approx(peak / 2)  # half-way through the 290 cosine epochs
+    # held through each epoch: the last step of epoch 1 still has epoch 1's lr
+    last_step_of_epoch_1 = (2 * TINYIMAGENET - 1) // 256 * 256
+    assert schedule(last_step_of_epoch_1) == schedule(TINYIMAGENET)
+
+
+@pytest.mark.parametrize("name", ["dissl_resnet18_tinyimagenet_baseline", "cissl_resnet18_tinyimagenet_d2048_e1000",
+                                  "dino_resnet18_tinyimagenet_d2048_e1000_aug", "simclr_resnet18_tinyimagenet_d2048"])
+def test_every_small_data_recipe_steps_the_lr_as_pl_bolts(name):
+    cfg, schedule = small_data_schedule(name)
+    epochs = int(cfg.train.epochs)
+    peak = cfg.optim.base_lr * cfg.data.batch_size / 256
+    for epoch in [*range(0, 12), epochs // 2, epochs - 1]:
+        assert schedule(epoch * TINYIMAGENET) == pytest.approx(pl_bolts_lr(epoch, peak, 10, epochs), abs=1e-15)
+
+
+def test_the_per_step_schedule_is_unchanged():
+    """The default (the ImageNet recipes, the quickstart): every step, from 0.001 of the peak, peak at epoch 10."""
+    schedule = WarmupCosine(3.0, 10 * 1000, 100 * 1000, 0.001, "start")
+    assert schedule(0) == pytest.approx(0.003)
+    assert schedule(5000) == pytest.approx(3.0 * (0.001 + 0.999 * 0.5))
+    assert schedule(10_000) == pytest.approx(3.0 * (1 + math.cos(math.pi * 0.1)) / 2)
+
+
+def test_lr_interval_is_validated():
+    with pytest.raises(ConfigError, match=r"optim.lr_interval: 'epochs' is not valid; choose one of step, epoch"):
+        load_config(None, ["optim.lr_interval=epochs"])
+    with pytest.raises(ConfigError, match=r"optim.warmup_epochs: 0.5; optim.lr_interval: epoch .* whole epochs"):
+        load_config(None, ["optim.lr_interval=epoch", "optim.warmup_epochs=0.5"])
+    with pytest.raises(ConfigError, match=r"train.epochs: 1.5; optim.lr_interval: epoch"):
+        load_config(None, ["optim.lr_interval=epoch", "train.epochs=1.5", "optim.warmup_epochs=1"])
+    with pytest.raises(ConfigError, match=r"optim.warmup_start_factor: -0.1; valid range is \[0, 1\]"):
+        load_config(None, ["optim.warmup_start_factor=-0.1"])
+    assert load_config(None, ["optim.warmup_start_factor=0"]).optim.warmup_start_factor == 0.0
+    with pytest.raises(ValueError, match="interval: 'hour'"):
+        WarmupCosine(1.0, 10, 100, 0.0, interval="hour")
+
+
+def test_the_plan_says_the_lr_changes_once_per_epoch(capsys):
+    from sslscale.cli import main
+    path = os.path.join(CONFIGS, "dissl_resnet18_tinyimagenet_baseline.yaml")
+    assert main(["plan", path, "--dataset-size", str(TINYIMAGENET), "--no-flops"]) == 0
+    assert "restarted at the end of the warm-up; the lr changes once per epoch" in capsys.readouterr().out
