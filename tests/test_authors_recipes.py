@@ -3,8 +3,12 @@ hand or by the authors' own formula (docs/method.md says which recipe sets which
 import math
 import os
 
+import numpy as np
 import pytest
+import torch
 
+from data_pipelines.augment import AugmentSpec, blur_taps
+from data_pipelines.sources import ArraySource
 from sslscale.config import ConfigError, load_config
 from sslscale.models.heads import build_head
 from sslscale.objectives.dissl import warmed_up_beta
@@ -129,3 +133,90 @@ def test_the_plan_says_the_lr_changes_once_per_epoch(capsys):
     path = os.path.join(CONFIGS, "dissl_resnet18_tinyimagenet_baseline.yaml")
     assert main(["plan", path, "--dataset-size", str(TINYIMAGENET), "--no-flops"]) == 0
     assert "restarted at the end of the warm-up; the lr changes once per epoch" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The small-data "+ aug." blur: int(0.1 x 64) made odd = 7 taps (the authors' code), in both backends
+
+
+def effective_blur(taps: int, sigma: float) -> float:
+    """The standard deviation of a sampled Gaussian cut to `taps` taps and renormalised."""
+    x = torch.arange(taps, dtype=torch.float64) - taps // 2
+    w = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    w = w / w.sum()
+    return float((w * x ** 2).sum().sqrt())
+
+
+def test_blur_windows_by_rule():
+    spec = AugmentSpec(blur_kernel="crop_tenth")
+    assert [blur_taps(spec, size) for size in (64, 96, 160, 224, 28)] == [7, 9, 17, 23, 3]
+    assert blur_taps(AugmentSpec(), 64) == 13  # the default: +-3 sigma_max at sigma_max 2, whatever the size
+    assert effective_blur(7, 2.0) == pytest.approx(1.64, abs=0.005)
+    assert effective_blur(13, 2.0) == pytest.approx(1.99, abs=0.005)
+
+
+@pytest.mark.parametrize("objective", ["dissl", "cissl", "dino", "simclr"])
+def test_the_aug_recipes_blur_with_7_taps_and_the_other_rows_not_at_all(objective):
+    aug = load_config(os.path.join(CONFIGS, f"{objective}_resnet18_tinyimagenet_d2048_e1000_aug.yaml")).data
+    assert aug.augment.blur_p == 0.5 and blur_taps(aug.augment, aug.crops[0].size) == 7
+    assert load_config(os.path.join(CONFIGS, f"{objective}_resnet18_tinyimagenet_d2048_e1000.yaml")
+                       ).data.augment.blur_p == 0
+
+
+def test_blur_kernel_is_validated():
+    with pytest.raises(ConfigError, match=r"data.augment.blur_kernel: 'tenth'; valid: three_sigma, crop_tenth"):
+        load_config(None, ["data.augment.blur_kernel=tenth"])
+
+
+BLUR_64 = ["data.source=digits", "data.num_workers=0", "data.batch_size=4",
+           "data.crops=[{size: 64, count: 2, scale: [0.5, 1.0], interpolation: bicubic}]",
+           "data.augment.jitter.p=0", "data.augment.grayscale_p=0", "data.augment.flip_p=0",
+           "data.augment.blur_p=1", "data.augment.blur_sigma=[1.9, 2.0]", "data.augment.blur_kernel=crop_tenth"]
+
+
+def photo_source(n: int = 4):
+    from sklearn.datasets import load_sample_images
+    photos = load_sample_images().images
+    images = np.stack([photos[i % 2][40 * i:40 * i + 96, 50 * i:50 * i + 96] for i in range(n)])
+    return ArraySource(images, np.zeros(n, np.int64), ["only"])
+
+
+def test_the_torchvision_backend_blurs_64_px_crops_with_7_taps(monkeypatch):
+    from data_pipelines import torchvision as backend
+    windows = []
+    blur = backend.F.gaussian_blur
+
+    def spy(image, kernel_size, sigma):
+        windows.append(tuple(kernel_size))
+        return blur(image, kernel_size, sigma)
+    monkeypatch.setattr(backend.F, "gaussian_blur", spy)
+    data_cfg = load_config(None, BLUR_64).data
+    batches = list(backend.multicrop_loader(photo_source(), data_cfg, seed=0, rank=0, world_size=1, start_step=0,
+                                            num_steps=1))
+    assert len(batches) == 1 and windows == [(7, 7)] * 8  # 4 images x 2 crops, each blurred with 7 x 7 taps
+
+
+def test_the_dali_backend_blurs_with_the_same_7_taps_as_torchvision(monkeypatch):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    from nvidia.dali import fn
+
+    from data_pipelines.dali import MultiCropPipeline
+    from data_pipelines.torchvision import multicrop_loader
+    windows = []
+    blur = fn.gaussian_blur
+
+    def spy(*args, **kwargs):
+        windows.append(kwargs["window_size"])
+        return blur(*args, **kwargs)
+    monkeypatch.setattr(fn, "gaussian_blur", spy)
+    kwargs = dict(seed=0, rank=0, world_size=1, start_step=0, num_steps=1)
+
+    def crops(backend, *extra):
+        data_cfg = load_config(None, [*BLUR_64, *extra]).data
+        return torch.cat(next(iter(backend(photo_source(), data_cfg, **kwargs))).crops) * 0.226 * 255  # grey levels
+    dali = crops(MultiCropPipeline)
+    assert windows == [7, 7]  # one blur op in the graph per 64-px crop slot, 7 taps each
+    same = (dali - crops(multicrop_loader)).abs().mean()
+    other = (dali - crops(multicrop_loader, "data.augment.blur_kernel=three_sigma")).abs().mean()
+    # The same kernel: decoder-free uint8 crops agree to a fraction of a grey level; 13 taps is visibly wider.
+    assert same < 0.25 and other > 0.5, (float(same), float(other))
