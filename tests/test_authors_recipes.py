@@ -1,5 +1,6 @@
 """The points where the paper's recipes follow the authors' code exactly, each against a number computed by
 hand or by the authors' own formula (docs/method.md says which recipe sets which option)."""
+import glob
 import math
 import os
 
@@ -10,6 +11,8 @@ import torch
 from data_pipelines.augment import AugmentSpec, blur_taps
 from data_pipelines.sources import ArraySource
 from sslscale.config import ConfigError, load_config
+from sslscale.model import build_model
+from sslscale.models import ResNetTrunk
 from sslscale.models.heads import build_head
 from sslscale.objectives.dissl import warmed_up_beta
 from sslscale.optim import WarmupCosine, build_schedule
@@ -220,3 +223,110 @@ def test_the_dali_backend_blurs_with_the_same_7_taps_as_torchvision(monkeypatch)
     other = (dali - crops(multicrop_loader, "data.augment.blur_kernel=three_sigma")).abs().mean()
     # The same kernel: decoder-free uint8 crops agree to a fraction of a grey level; 13 taps is visibly wider.
     assert same < 0.25 and other > 0.5, (float(same), float(other))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Initialisation: model.init: authors_imagenet / authors_small_data (the recipes), torchvision (default)
+
+
+def std(t: torch.Tensor) -> float:
+    return t.double().std().item()
+
+
+def fan_in(weight: torch.Tensor) -> int:
+    return weight[0].numel()
+
+
+def fan_out(weight: torch.Tensor) -> int:
+    return weight.shape[0] * weight[0, 0].numel()
+
+
+def test_authors_small_data_init_of_the_trunk_and_its_dimension_block():
+    torch.manual_seed(0)
+    trunk = ResNetTrunk("resnet18", dim=2048, small_image_stem=True, init="authors_small_data")
+    # the small-image stem, variance-scaled: trunc_normal(std sqrt(1 / 27) / 0.8796), bounds +-2 cut nothing
+    assert std(trunk.conv1.weight) == pytest.approx(math.sqrt(1 / 27) / 0.87962566103423978, rel=0.05)
+    # every other trunk conv: torchvision's kaiming_normal(fan_out)
+    w = trunk.layer3[0].conv2.weight
+    assert std(w) == pytest.approx(math.sqrt(2 / fan_out(w)), rel=0.02)
+    # the dimension block: conv1 N(0, 1/512) (Johnson-Lindenstrauss), conv2 and conv3 variance-scaled
+    block = trunk.resizer
+    assert std(block.conv1.weight) == pytest.approx(1 / math.sqrt(512), rel=0.02)
+    assert block.conv1.weight.mean().item() == pytest.approx(0, abs=1e-3)
+    for conv in (block.conv2, block.conv3):
+        assert std(conv.weight) == pytest.approx(math.sqrt(1 / fan_in(conv.weight)) / 0.87962566103423978, rel=0.02)
+    assert all(torch.equal(bn.weight, torch.ones_like(bn.weight)) and not bn.bias.any()
+               for bn in (block.bn1, block.bn2, block.bn3))
+
+
+def test_authors_imagenet_init_keeps_torchs_default_for_the_trunk_convs():
+    torch.manual_seed(0)
+    trunk = ResNetTrunk("resnet50", dim=8192, init="authors_imagenet")
+    for w in (trunk.conv1.weight, trunk.layer2[0].conv2.weight, trunk.layer4[2].conv3.weight,
+              trunk.layer3[0].downsample[0].weight):
+        bound = 1 / math.sqrt(fan_in(w))  # kaiming_uniform(a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert w.abs().max().item() <= bound
+        assert std(w) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert std(trunk.resizer.conv1.weight) == pytest.approx(1 / math.sqrt(512), rel=0.02)
+    w = trunk.resizer.conv3.weight  # [8192, 512, 1, 1]
+    assert std(w) == pytest.approx(math.sqrt(1 / 512) / 0.87962566103423978, rel=0.02)
+
+
+def test_the_default_init_is_torchvisions_everywhere():
+    torch.manual_seed(0)
+    trunk = ResNetTrunk("resnet18", dim=2048, small_image_stem=True)
+    for w in (trunk.conv1.weight, trunk.layer3[0].conv2.weight, trunk.resizer.conv1.weight, trunk.resizer.conv3.weight):
+        assert std(w) == pytest.approx(math.sqrt(2 / fan_out(w)), rel=0.05)
+    head = build_head("dissl_teacher", "small_data", 512, C)
+    assert head[0].weight.abs().max().item() <= 1 / math.sqrt(512)  # torch's default Linear init
+
+
+@pytest.mark.parametrize("role, name, out_dim, widths", [
+    ("dissl_teacher", "small_data", C, {}), ("dissl_student", "low_rank_linear", C, {}),
+    ("cissl_teacher", "small_data", 128, {}), ("cissl_student", "small_data", 128, {}),
+    ("simclr", "small_data", 128, {}), ("dino", "issl_baseline", 1000, {}),
+])
+def test_authors_small_data_heads_are_trunc_normal_002_with_zero_bias(role, name, out_dim, widths):
+    torch.manual_seed(0)
+    head = build_head(role, name, 512, out_dim, init="authors_small_data", **widths)
+    weights = [m for m in head.modules() if hasattr(m, "weight") and m.weight.ndim == 2]
+    assert weights
+    for m in weights:
+        assert std(m.weight) == pytest.approx(0.02, rel=0.05)
+        assert m.weight.mean().item() == pytest.approx(0, abs=2e-3)
+        if getattr(m, "bias", None) is not None:
+            assert not m.bias.any()
+
+
+def test_authors_imagenet_cissl_heads_project_into_128_dims_with_n_0_1_over_128():
+    torch.manual_seed(0)
+    teacher = build_head("cissl_teacher", "imagenet", 2048, 128, init="authors_imagenet")
+    student = build_head("cissl_student", "imagenet", 2048, 128, init="authors_imagenet")
+    for linear in (teacher[6], student[0]):
+        assert (linear.in_features, linear.out_features) == (2048, 128)
+        assert std(linear.weight) == pytest.approx(1 / math.sqrt(128), rel=0.02)
+    for linear in (teacher[0], teacher[3]):  # the hidden Linears keep torch's default
+        assert linear.weight.abs().max().item() <= 1 / math.sqrt(2048)
+    dissl = build_head("dissl_teacher", "imagenet_d8192", 8192, C, init="authors_imagenet")
+    assert dissl[0].weight.abs().max().item() <= 1 / math.sqrt(8192)  # the DISSL heads: torch's defaults
+
+
+def test_the_recipes_set_the_authors_init_and_the_model_applies_it():
+    for path in glob.glob(os.path.join(CONFIGS, "*.yaml")):
+        name, init = os.path.basename(path), load_config(path).model.init
+        expected = ("authors_imagenet" if "resnet50" in name else "authors_small_data" if "tinyimagenet" in name
+                    else "torchvision")
+        assert init == expected, name
+    torch.manual_seed(0)
+    cfg = load_config(os.path.join(CONFIGS, "dissl_resnet18_tinyimagenet_d2048.yaml"),
+                      ["objective.dissl.n_classes=64"])
+    model = build_model(cfg, steps_per_epoch=390.625, total_steps=100)
+    assert std(model.encoder.resizer.conv1.weight) == pytest.approx(1 / math.sqrt(512), rel=0.02)
+    assert std(model.objective.teacher_head[0].weight) == pytest.approx(0.02, rel=0.02)
+
+
+def test_model_init_is_validated():
+    with pytest.raises(ConfigError, match=r"model.init: 'authors' is not valid; choose one of torchvision, "
+                                          r"authors_imagenet, authors_small_data"):
+        load_config(None, ["model.init=authors"])
+

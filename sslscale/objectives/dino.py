@@ -37,8 +37,8 @@ class DINO(Objective):
     def __init__(self, cfg, ctx: ObjectiveContext):
         super().__init__()
         self.cfg, self.ctx, self.gather = cfg, ctx, or_local(ctx.gather)
-        self.student_head = build_head("dino", cfg.head, ctx.feature_dim, cfg.n_prototypes, hidden=cfg.hidden,
-                                       bottleneck=cfg.bottleneck)
+        self.student_head = build_head("dino", cfg.head, ctx.feature_dim, cfg.n_prototypes, init=ctx.init,
+                                       hidden=cfg.hidden, bottleneck=cfg.bottleneck)
         self.teacher_encoder = copy.deepcopy(ctx.encoder)
         self.teacher_head = copy.deepcopy(self.student_head)
         for p in [*self.teacher_encoder.parameters(), *self.teacher_head.parameters()]:

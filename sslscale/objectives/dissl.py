@@ -73,9 +73,9 @@ class DISSL(Objective):
         super().__init__()
         self.cfg, self.n_large, self.gather = cfg, ctx.n_large_crops, ctx.gather
         self.teacher_head = build_head("dissl_teacher", cfg.teacher_head, ctx.feature_dim, cfg.n_classes,
-                                       hidden=cfg.teacher_hidden, bottleneck=cfg.teacher_bottleneck)
+                                       init=ctx.init, hidden=cfg.teacher_hidden, bottleneck=cfg.teacher_bottleneck)
         self.student_head = build_head("dissl_student", cfg.student_head, ctx.feature_dim, cfg.n_classes,
-                                       bottleneck=cfg.student_bottleneck)
+                                       init=ctx.init, bottleneck=cfg.student_bottleneck)
 
     def forward(self, features: list[torch.Tensor], step: int, crops=None):
         large = torch.cat(features[: self.n_large])
