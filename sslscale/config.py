@@ -29,7 +29,9 @@ STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 CLUSTERS = ("slurm", "local", "debug")
 COSINE_ORIGINS = ("start", "warmup_end")
-LR_INTERVALS = ("step", "epoch")
+INTERVALS = ("step", "epoch")  # how often a schedule changes (optim.lr_interval, objective.dino.tau_t_interval)
+DINO_CENTER_UPDATES = ("per_step", "per_view")
+DINO_TEACHER_HEAD_INITS = ("copy", "random")
 CONTAINER_RUNTIMES = ("pyxis", "apptainer")
 
 
@@ -124,8 +126,19 @@ class DinoConfig:
     tau_t_start: float = 0.04
     tau_t_end: float = 0.07
     tau_t_warmup_epochs: float = 50
+    # step: tau_t rises linearly every step, reaching tau_t_end at tau_t_warmup_epochs; epoch: a per-epoch
+    # linspace of tau_t_warmup_epochs values (the authors' and DINO's own: tau_t_end from epoch
+    # tau_t_warmup_epochs - 1 on; needs a whole tau_t_warmup_epochs).
+    tau_t_interval: str = "step"
     momentum_start: float = 0.996  # teacher EMA momentum, cosine to 1 per step
     center_momentum: float = 0.9
+    # per_step: one EMA update of the centre per step with the mean of every teacher view, after the loss;
+    # per_view: one update per teacher view inside its loss term, the next term centred with the updated
+    # centre (the authors' code: two updates per step with two views).
+    center_update: str = "per_step"
+    # copy: the teacher head starts as a copy of the student's; random: a head of its own with its own random
+    # initialisation (the authors' code). The teacher trunk is a copy of the student's either way.
+    teacher_head_init: str = "copy"
     freeze_last_layer_epochs: float = 1
 
     SHAPE_FIELDS = ("n_prototypes", "head", "hidden", "bottleneck")
@@ -595,7 +608,7 @@ def validate(c: Config) -> list[str]:
     if not 0 <= c.optim.momentum < 1:
         e.append(f"optim.momentum: {c.optim.momentum}; valid range is [0, 1)")
     e += _choice("optim.cosine_from", c.optim.cosine_from, COSINE_ORIGINS)
-    e += _choice("optim.lr_interval", c.optim.lr_interval, LR_INTERVALS)
+    e += _choice("optim.lr_interval", c.optim.lr_interval, INTERVALS)
     if c.optim.lr_interval == "epoch":
         for key, value in (("optim.warmup_epochs", c.optim.warmup_epochs), ("train.epochs", c.train.epochs)):
             if not float(value).is_integer():
@@ -753,4 +766,10 @@ def _validate_objective(c: Config) -> list[str]:
         for key in ("momentum_start", "center_momentum"):
             if not 0 <= getattr(d, key) <= 1:
                 e.append(f"objective.dino.{key}: {getattr(d, key)}; valid range is [0, 1]")
+        e += _choice("objective.dino.tau_t_interval", d.tau_t_interval, INTERVALS)
+        e += _choice("objective.dino.center_update", d.center_update, DINO_CENTER_UPDATES)
+        e += _choice("objective.dino.teacher_head_init", d.teacher_head_init, DINO_TEACHER_HEAD_INITS)
+        if d.tau_t_interval == "epoch" and not float(d.tau_t_warmup_epochs).is_integer():
+            e.append(f"objective.dino.tau_t_warmup_epochs: {d.tau_t_warmup_epochs}; objective.dino.tau_t_interval: "
+                     f"epoch takes one value per epoch and needs whole epochs (or use tau_t_interval: step)")
     return e

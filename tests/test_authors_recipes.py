@@ -7,13 +7,16 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data_pipelines.augment import AugmentSpec, blur_taps
 from data_pipelines.sources import ArraySource
 from sslscale.config import ConfigError, load_config
 from sslscale.model import build_model
-from sslscale.models import ResNetTrunk
+from sslscale.models import ResNetTrunk, encode_crops
 from sslscale.models.heads import build_head
+from sslscale.objectives import ObjectiveContext, build_objective
+from sslscale.objectives.dino import epoch_of, per_view_centers
 from sslscale.objectives.dissl import warmed_up_beta
 from sslscale.optim import WarmupCosine, build_schedule
 
@@ -223,6 +226,131 @@ def test_the_dali_backend_blurs_with_the_same_7_taps_as_torchvision(monkeypatch)
     other = (dali - crops(multicrop_loader, "data.augment.blur_kernel=three_sigma")).abs().mean()
     # The same kernel: decoder-free uint8 crops agree to a fraction of a grey level; 13 taps is visibly wider.
     assert same < 0.25 and other > 0.5, (float(same), float(other))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 and 3. DINO as the authors ran it: the centre updated once per teacher view inside each loss term, a
+# teacher head with its own random init, the teacher temperature a per-epoch linspace
+
+
+def make_dino(*overrides, steps_per_epoch=10.0, total_steps=100):
+    cfg = load_config(None, ["objective.name=dino", "objective.dino.n_prototypes=12", "objective.dino.hidden=8",
+                             "objective.dino.bottleneck=4", *overrides])
+    encoder = ResNetTrunk("resnet18", width=4, small_image_stem=True)
+    ctx = ObjectiveContext(encoder.out_dim, 2, steps_per_epoch, total_steps, encoder)
+    return build_objective(cfg.objective, ctx), encoder
+
+
+def authors_dino_loss(student: list, teacher: list, center: torch.Tensor, *, tau_s: float, tau_t: float,
+                      momentum: float):
+    """The authors' DINO.loss: (asymmetric(student 0, teacher 1) + asymmetric(student 1, teacher 0)) / 2, each
+    asymmetric term centring with the current centre and then updating it with its teacher view's mean."""
+    def asymmetric(m_student, m_teacher, center):
+        p = F.softmax((m_teacher - center) / tau_t, dim=-1)
+        loss = -(p * F.log_softmax(m_student / tau_s, dim=-1)).sum(-1).mean()
+        return loss, center * momentum + m_teacher.mean(0) * (1 - momentum)
+    loss1, center = asymmetric(student[0], teacher[1], center)
+    loss2, center = asymmetric(student[1], teacher[0], center)
+    return (loss1 + loss2) / 2, center
+
+
+def dino_outputs(objective, encoder, crops):
+    """The teacher's and the student's head outputs for two crops, as the objective computes them."""
+    with torch.no_grad():
+        teacher = objective.teacher_head(torch.cat(encode_crops(objective.teacher_encoder, crops))).chunk(2)
+        student = objective.student_head(torch.cat(encode_crops(encoder, crops))).chunk(2)
+    return [t.float() for t in teacher], [s.float() for s in student]
+
+
+def test_per_view_centring_matches_the_authors_two_updates():
+    torch.manual_seed(0)
+    objective, encoder = make_dino("objective.dino.center_update=per_view")
+    start = 0.2 * torch.randn(12)  # the scale of the teacher's outputs (cosines): no one-hot softmax
+    objective.center.copy_(start)
+    crops = [torch.randn(6, 3, 8, 8) for _ in range(2)]
+    teacher, student = dino_outputs(objective, encoder, crops)
+    tau_t = objective.teacher_temperature(3)
+    expected, expected_center = authors_dino_loss(student, teacher, start, tau_s=0.1, tau_t=tau_t, momentum=0.9)
+    loss, _ = objective(encode_crops(encoder, crops), 3, crops)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(objective.center, expected_center, atol=1e-6)
+    # two EMA updates, by hand: c2 = m^2 c0 + m (1 - m) mean(t1) + (1 - m) mean(t0)
+    by_hand = 0.81 * start + 0.09 * teacher[1].mean(0) + 0.1 * teacher[0].mean(0)
+    assert torch.allclose(objective.center, by_hand, atol=1e-6)
+
+
+def test_per_step_centring_is_still_the_default_and_differs():
+    torch.manual_seed(0)
+    objective, encoder = make_dino()
+    assert objective.cfg.center_update == "per_step"
+    start = 0.2 * torch.randn(12)  # the scale of the teacher's outputs (cosines): no one-hot softmax
+    objective.center.copy_(start)
+    crops = [torch.randn(6, 3, 8, 8) for _ in range(2)]
+    teacher, student = dino_outputs(objective, encoder, crops)
+    tau_t = objective.teacher_temperature(3)
+    loss, _ = objective(encode_crops(encoder, crops), 3, crops)
+    p = [F.softmax((t - start) / tau_t, -1) for t in teacher]
+    q = [F.log_softmax(s / 0.1, -1) for s in student]
+    once = (-(p[0] * q[1]).sum(-1).mean() - (p[1] * q[0]).sum(-1).mean()) / 2
+    assert loss.item() == pytest.approx(once.item(), rel=1e-5)
+    assert torch.allclose(objective.center, 0.9 * start + 0.1 * torch.cat(teacher).mean(0), atol=1e-6)
+    authors, _ = authors_dino_loss(student, teacher, start, tau_s=0.1, tau_t=tau_t, momentum=0.9)
+    assert abs(authors.item() - loss.item()) > 1e-4  # the second term's centre differs
+
+
+def test_per_view_centres_by_hand():
+    c0, m0, m1 = torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([5.0])
+    centers, final = per_view_centers(c0, [m0, m1], 0.5)
+    # the teacher's view 1 first (with c0), then view 0 (with 0.5 * 1 + 0.5 * 5 = 3); then 0.5 * 3 + 0.5 * 3
+    assert [c.item() for c in centers] == [3.0, 1.0] and final.item() == 3.0
+
+
+def test_the_teacher_head_has_its_own_random_init_and_the_teacher_trunk_is_a_copy():
+    torch.manual_seed(0)
+    random_head, encoder = make_dino("objective.dino.teacher_head_init=random")
+    teacher, student = dict(random_head.teacher_head.named_parameters()), dict(random_head.student_head.named_parameters())
+    assert teacher.keys() == student.keys()
+    assert all(not torch.equal(teacher[k], student[k]) for k in teacher if teacher[k].ndim == 2)
+    assert all(not p.requires_grad for p in teacher.values())
+    for a, b in zip(random_head.teacher_encoder.parameters(), encoder.parameters()):
+        assert torch.equal(a, b)
+    copied, _ = make_dino()
+    assert all(torch.equal(a, b) for a, b in zip(copied.teacher_head.parameters(), copied.student_head.parameters()))
+
+
+def test_the_teacher_temperature_is_a_per_epoch_linspace_reaching_0_07_at_epoch_49():
+    objective, _ = make_dino("objective.dino.tau_t_interval=epoch", steps_per_epoch=10.0)
+    linspace = np.linspace(0.04, 0.07, 50)  # the authors' teacher_temp_schedule
+    for epoch in (0, 1, 25, 48, 49):
+        for step in (10 * epoch, 10 * epoch + 9):  # held through the epoch
+            assert objective.teacher_temperature(step) == pytest.approx(linspace[epoch], abs=1e-12)
+    assert objective.teacher_temperature(500) == 0.07 and objective.teacher_temperature(10_000) == 0.07
+    per_step, _ = make_dino(steps_per_epoch=10.0)
+    assert per_step.teacher_temperature(490) < 0.07 and per_step.teacher_temperature(500) == 0.07  # epoch 50
+
+
+def test_an_epoch_starts_at_its_first_step_despite_rounding():
+    assert 1005 / (1005 / 7) < 7  # the division alone would put step 1005 of 143.57 steps per epoch in epoch 6
+    assert epoch_of(1005, 1005 / 7) == 7 and epoch_of(1004, 1005 / 7) == 6
+
+
+def test_the_dino_small_data_recipe_sets_the_authors_options_and_fashion_mnist_keeps_the_defaults():
+    recipe = load_config(os.path.join(CONFIGS, "dino_resnet18_tinyimagenet_d2048_e1000_aug.yaml")).objective.dino
+    assert (recipe.center_update, recipe.teacher_head_init, recipe.tau_t_interval) == ("per_view", "random", "epoch")
+    fashion = load_config(os.path.join(CONFIGS, "fashion_mnist_dino.yaml")).objective.dino
+    assert (fashion.center_update, fashion.teacher_head_init, fashion.tau_t_interval) == ("per_step", "copy", "step")
+
+
+def test_dino_options_are_validated():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["objective.name=dino", "objective.dino.center_update=twice",
+                           "objective.dino.teacher_head_init=copied", "objective.dino.tau_t_interval=epochs"])
+    assert error.value.problems == [
+        "objective.dino.tau_t_interval: 'epochs' is not valid; choose one of step, epoch",
+        "objective.dino.center_update: 'twice' is not valid; choose one of per_step, per_view",
+        "objective.dino.teacher_head_init: 'copied' is not valid; choose one of copy, random"]
+    with pytest.raises(ConfigError, match=r"tau_t_warmup_epochs: 0.167; .*needs whole epochs"):
+        load_config(os.path.join(CONFIGS, "fashion_mnist_dino.yaml"), ["objective.dino.tau_t_interval=epoch"])
 
 
 # ---------------------------------------------------------------------------------------------
