@@ -309,7 +309,8 @@ def test_per_view_centres_by_hand():
 def test_the_teacher_head_has_its_own_random_init_and_the_teacher_trunk_is_a_copy():
     torch.manual_seed(0)
     random_head, encoder = make_dino("objective.dino.teacher_head_init=random")
-    teacher, student = dict(random_head.teacher_head.named_parameters()), dict(random_head.student_head.named_parameters())
+    teacher = dict(random_head.teacher_head.named_parameters())
+    student = dict(random_head.student_head.named_parameters())
     assert teacher.keys() == student.keys()
     assert all(not torch.equal(teacher[k], student[k]) for k in teacher if teacher[k].ndim == 2)
     assert all(not p.requires_grad for p in teacher.values())
@@ -353,6 +354,33 @@ def test_dino_options_are_validated():
     with pytest.raises(ConfigError, match=r"tau_t_warmup_epochs: 0.167; .*needs whole epochs"):
         load_config(os.path.join(CONFIGS, "fashion_mnist_dino.yaml"), ["objective.dino.tau_t_interval=epoch"])
 
+
+
+
+class TwoRanks:
+    """A stand-in for the all-gather of two ranks whose other rank's rows are this rank's plus 1."""
+    rank, world_size = 0, 2
+
+    def __call__(self, x):
+        return torch.cat([x, x + 1])
+
+    def sum(self, x):
+        return 2 * x + 1
+
+
+def test_per_view_centring_takes_each_views_mean_over_every_rank():
+    torch.manual_seed(0)
+    cfg = load_config(None, ["objective.name=dino", "objective.dino.n_prototypes=12", "objective.dino.hidden=8",
+                             "objective.dino.bottleneck=4", "objective.dino.center_update=per_view"])
+    encoder = ResNetTrunk("resnet18", width=4, small_image_stem=True)
+    objective = build_objective(cfg.objective, ObjectiveContext(encoder.out_dim, 2, 10.0, 100, encoder,
+                                                                gather=TwoRanks()))
+    crops = [torch.randn(6, 3, 8, 8) for _ in range(2)]
+    teacher, _ = dino_outputs(objective, encoder, crops)
+    objective(encode_crops(encoder, crops), 3, crops)
+    # the global mean of a view is the local mean + 0.5 here
+    expected = 0.09 * (teacher[1].mean(0) + 0.5) + 0.1 * (teacher[0].mean(0) + 0.5)
+    assert torch.allclose(objective.center, expected, atol=1e-6)
 
 # ---------------------------------------------------------------------------------------------
 # 7. Initialisation: model.init: authors_imagenet / authors_small_data (the recipes), torchvision (default)
