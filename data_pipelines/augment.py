@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# The Gaussian blur's window: three_sigma covers +-3 sigma_max (13 taps at sigma_max 2), crop_tenth is
+# int(0.1 x crop size) made odd (7 taps at 64 px), as the authors' small-data code sizes it.
+BLUR_KERNELS = ("three_sigma", "crop_tenth")
 SOLARIZE_THRESHOLD = 128  # on uint8 pixels: values >= 128 are inverted
 
 
@@ -68,6 +71,7 @@ class AugmentSpec:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: str = "three_sigma"  # the window's size: three_sigma or crop_tenth (BLUR_KERNELS)
     solarize_p: float = 0.0
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -80,6 +84,8 @@ class AugmentSpec:
         lo, hi = self.blur_sigma
         if not 0 < lo <= hi:
             errors.append(f"blur_sigma: {list(self.blur_sigma)}; need 0 < low <= high")
+        if self.blur_kernel not in BLUR_KERNELS:
+            errors.append(f"blur_kernel: {self.blur_kernel!r}; valid: {', '.join(BLUR_KERNELS)}")
         if any(s <= 0 for s in self.std):
             errors.append(f"std: {list(self.std)}; every channel's std must be > 0")
         return errors
@@ -110,3 +116,13 @@ def blur_kernel_size(sigma_max: float) -> int:
     """An odd window covering +-3 sigma, the same for every backend."""
     radius = max(1, int(3 * sigma_max + 0.5))
     return 2 * radius + 1
+
+
+def blur_taps(spec: AugmentSpec, crop_size: int) -> int:
+    """The blur window (taps per side of the square kernel) for crops of `crop_size` px, the same for every
+    backend: +-3 sigma_max (three_sigma), or int(0.1 x crop size) made odd (crop_tenth, the authors'
+    small-data code: 7 taps at 64 px, whatever sigma; it cuts a sigma-2 Gaussian at +-1.5 sigma)."""
+    if spec.blur_kernel == "crop_tenth":
+        taps = int(0.1 * crop_size)
+        return taps + 1 if taps % 2 == 0 else taps
+    return blur_kernel_size(spec.blur_sigma[1])

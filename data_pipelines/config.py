@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from data_pipelines.augment import AugmentSpec, CropGroup, blur_kernel_size, validate_crops
+from data_pipelines.augment import AugmentSpec, CropGroup, blur_taps, validate_crops
 
 SOURCES = ("fashion_mnist", "digits", "synthetic", "folder", "filelist")
 BACKENDS = ("torchvision", "dali")
@@ -61,8 +61,8 @@ class DataConfig:
         errors += validate_crops(self.crops)
         errors += [f"augment.{e}" for e in self.augment.validate()]
         if self.augment.blur_p > 0 and self.crops and not errors:
-            kernel = blur_kernel_size(self.augment.blur_sigma[1])
             smallest = min(g.size for g in self.crops)
+            kernel = blur_taps(self.augment, smallest)
             if kernel // 2 >= smallest:
                 errors.append(f"augment.blur_sigma: a blur window of {kernel} px (+-3 sigma) does not fit the "
                               f"{smallest}-px crops; lower blur_sigma or set blur_p: 0")

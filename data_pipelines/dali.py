@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from data_pipelines import worker_signals
-from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, CropGroup, blur_kernel_size
+from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, CropGroup, blur_taps
 from data_pipelines.batch import Batch
 from data_pipelines.dali_feeder import StepFeeder
 from data_pipelines.params import BRIGHTNESS, CONTRAST, HUE
@@ -75,7 +75,6 @@ def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device
     from nvidia.dali import fn, pipeline_def, types
 
     interpolation = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
-    blur_window = blur_kernel_size(spec.blur_sigma[1])
     mean = [255 * m for m in spec.mean]
     std = [255 * s for s in spec.std]
     on_gpu = device == "gpu"
@@ -148,7 +147,8 @@ def build_pipeline(feeder: StepFeeder, spec: AugmentSpec, *, device: str, device
         if inputs["grayscale"]:
             x = dmath.floor(fn.coord_transform(x, M=luma_weights * 3))
         if inputs["blur"]:
-            x = dmath.floor(fn.gaussian_blur(x, sigma=inputs["sigma"], window_size=blur_window) + 0.5)
+            x = dmath.floor(fn.gaussian_blur(x, sigma=inputs["sigma"], window_size=blur_taps(spec, group.size))
+                            + 0.5)
         if inputs["solarize"]:
             x = x + (x >= float(SOLARIZE_THRESHOLD)) * (255.0 - 2.0 * x)
         # The flip commutes with every op before it (all are symmetric or per pixel), so it is done here.

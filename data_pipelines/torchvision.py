@@ -13,7 +13,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from data_pipelines import params as draws
-from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, CropGroup, blur_kernel_size
+from data_pipelines.augment import SOLARIZE_THRESHOLD, AugmentSpec, CropGroup, blur_taps
 from data_pipelines.batch import Batch
 from data_pipelines.params import CropParams, jitter_ranges
 from data_pipelines.sources import ImageSource, RankBatches, SampleStream, first_readable
@@ -48,7 +48,7 @@ def augment_crop(image: torch.Tensor, window, params: CropParams, i: int, group:
     if params.grayscale[i]:
         crop = F.rgb_to_grayscale(crop, num_output_channels=3)
     if params.blur[i]:
-        kernel = blur_kernel_size(spec.blur_sigma[1])
+        kernel = blur_taps(spec, group.size)
         sigma = float(params.sigma[i])
         crop = F.gaussian_blur(crop, [kernel, kernel], [sigma, sigma])
     if params.solarize[i]:

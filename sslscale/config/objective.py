@@ -4,9 +4,11 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from sslscale.config.checks import choice, positive
+from sslscale.config.checks import INTERVALS, choice, positive
 
 OBJECTIVES = ("dissl", "cissl", "simclr", "dino")
+DINO_CENTER_UPDATES = ("per_step", "per_view")
+DINO_TEACHER_HEAD_INITS = ("copy", "random")
 
 
 # Heads are chosen by name: the authors' heads of each recipe (sslscale/models/heads.py, docs/method.md
@@ -69,8 +71,19 @@ class DinoConfig:
     tau_t_start: float = 0.04
     tau_t_end: float = 0.07
     tau_t_warmup_epochs: float = 50
+    # step: tau_t rises linearly every step, reaching tau_t_end at tau_t_warmup_epochs; epoch: a per-epoch
+    # linspace of tau_t_warmup_epochs values (the authors' and DINO's own: tau_t_end from epoch
+    # tau_t_warmup_epochs - 1 on; needs a whole tau_t_warmup_epochs).
+    tau_t_interval: str = "step"
     momentum_start: float = 0.996  # teacher EMA momentum, cosine to 1 per step
     center_momentum: float = 0.9
+    # per_step: one EMA update of the centre per step with the mean of every teacher view, after the loss;
+    # per_view: one update per teacher view inside its loss term, the next term centred with the updated
+    # centre (the authors' code: two updates per step with two views).
+    center_update: str = "per_step"
+    # copy: the teacher head starts as a copy of the student's; random: a head of its own with its own random
+    # initialisation (the authors' code). The teacher trunk is a copy of the student's either way.
+    teacher_head_init: str = "copy"
     freeze_last_layer_epochs: float = 1
 
     SHAPE_FIELDS = ("n_prototypes", "head", "hidden", "bottleneck")
@@ -139,4 +152,10 @@ def validate_objective(c) -> list[str]:
         for key in ("momentum_start", "center_momentum"):
             if not 0 <= getattr(d, key) <= 1:
                 e.append(f"objective.dino.{key}: {getattr(d, key)}; valid range is [0, 1]")
+        e += choice("objective.dino.tau_t_interval", d.tau_t_interval, INTERVALS)
+        e += choice("objective.dino.center_update", d.center_update, DINO_CENTER_UPDATES)
+        e += choice("objective.dino.teacher_head_init", d.teacher_head_init, DINO_TEACHER_HEAD_INITS)
+        if d.tau_t_interval == "epoch" and not float(d.tau_t_warmup_epochs).is_integer():
+            e.append(f"objective.dino.tau_t_warmup_epochs: {d.tau_t_warmup_epochs}; objective.dino.tau_t_interval: "
+                     f"epoch takes one value per epoch and needs whole epochs (or use tau_t_interval: step)")
     return e

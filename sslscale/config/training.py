@@ -4,7 +4,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 
-from sslscale.config.checks import choice, positive
+from sslscale.config.checks import INTERVALS, choice, positive
 
 OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -49,11 +49,15 @@ class OptimConfig:
     trust_coefficient: float = 0.001  # lars
     exclude_bias_and_norm: bool = False  # no weight decay (and no LARS scaling) for biases and norms
     warmup_epochs: float = 10
-    warmup_start_factor: float = 0.001  # warm-up starts at this fraction of the peak lr
+    warmup_start_factor: float = 0.001  # warm-up starts at this fraction of the peak lr (the small-data recipe: 0)
     # Where the cosine after the warm-up counts from. start: lr = peak (1 + cos(pi t / T)) / 2 with t, T from
     # the start of training (the ImageNet recipe; the lr steps down at the end of the warm-up); warmup_end:
     # the cosine restarts there, t and T counted from the end of the warm-up (the small-data recipe).
     cosine_from: str = "start"
+    # How often the lr changes. step: every step (the ImageNet recipe); epoch: once per epoch, held through it,
+    # as the authors' small-data scheduler (pl_bolts' LinearWarmupCosineAnnealingLR stepped per epoch: the
+    # warm-up reaches the peak at epoch warmup_epochs - 1). epoch needs whole warmup_epochs and train.epochs.
+    lr_interval: str = "step"
     grad_clip_value: float | None = None
     grad_clip_norm: float | None = None
 
@@ -113,8 +117,14 @@ def validate_training(c) -> list[str]:
     if not 0 <= c.optim.momentum < 1:
         e.append(f"optim.momentum: {c.optim.momentum}; valid range is [0, 1)")
     e += choice("optim.cosine_from", c.optim.cosine_from, COSINE_ORIGINS)
-    if not 0 < c.optim.warmup_start_factor <= 1:
-        e.append(f"optim.warmup_start_factor: {c.optim.warmup_start_factor}; valid range is (0, 1]")
+    e += choice("optim.lr_interval", c.optim.lr_interval, INTERVALS)
+    if c.optim.lr_interval == "epoch":
+        for key, value in (("optim.warmup_epochs", c.optim.warmup_epochs), ("train.epochs", c.train.epochs)):
+            if not float(value).is_integer():
+                e.append(f"{key}: {value}; optim.lr_interval: epoch steps the lr once per epoch and needs whole "
+                         f"epochs (or use optim.lr_interval: step)")
+    if not 0 <= c.optim.warmup_start_factor <= 1:
+        e.append(f"optim.warmup_start_factor: {c.optim.warmup_start_factor}; valid range is [0, 1]")
     for key in ("grad_clip_value", "grad_clip_norm"):
         if getattr(c.optim, key) is not None:
             e += positive(f"optim.{key}", getattr(c.optim, key))

@@ -75,6 +75,7 @@ def _make_plan(cfg: Config, dataset_size: int, world_size: int | None, flops: bo
         "warmup_steps": math.ceil(cfg.optim.warmup_epochs * dataset_size / global_batch),
         "peak_lr": peak_lr(cfg.optim, global_batch),
         "cosine_from": cfg.optim.cosine_from,
+        "lr_interval": cfg.optim.lr_interval,
         "warmup_end_fraction": warmup_fraction,
         "lr": {fraction_key(f): schedule(int(round(f * total_samples))) for f in fractions},
         "crops": {"per_image": len(sizes), "layout": " + ".join(f"{g.count}x{g.size}" for g in cfg.data.crops)},
@@ -119,6 +120,8 @@ def format_plan(plan: dict, title: str) -> str:
     warmup_key = fraction_key(plan["warmup_end_fraction"])
     cosine = ("counted from the start of training" if plan["cosine_from"] == "start"
               else "restarted at the end of the warm-up")
+    if plan.get("lr_interval") == "epoch":  # plans written before the key existed stepped the lr every step
+        cosine += "; the lr changes once per epoch"
     params = "; ".join(f"{name} {_count(n)}" + (" (EMA)" if name in plan["ema_modules"] else "")
                        + (f" ({_count(plan['trainable_params'][name])} trained)"
                           if 0 < plan["trainable_params"][name] < n else "")

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslscale.models.backbones import INITS
+
 
 class Residual(nn.Sequential):
     """body(x) + x: the skip connection of the authors' residual head blocks."""
@@ -36,10 +38,9 @@ def dissl_teacher_imagenet_d2048(in_dim: int, n_classes: int, *, hidden: int, bo
 
 
 def dissl_teacher_imagenet_d8192(in_dim: int, n_classes: int, *, hidden: int, bottleneck: int) -> nn.Sequential:
-    """Lin(d,b,nb)-BN-ReLU, [Lin(b,h)-BN-ReLU-Lin(h,h)-BN-ReLU-Lin(h,b)-BN-ReLU] + skip, Lin(b,C).
-    The residual Linears keep their bias, as the recipe specifies them (BN makes it redundant)."""
-    block = [*linear_bn_relu(bottleneck, hidden, bias=True), *linear_bn_relu(hidden, hidden, bias=True),
-             *linear_bn_relu(hidden, bottleneck, bias=True)]
+    """Lin(d,b,nb)-BN-ReLU, [Lin(b,h,nb)-BN-ReLU-Lin(h,h,nb)-BN-ReLU-Lin(h,b,nb)-BN-ReLU] + skip, Lin(b,C).
+    No bias in the residual block, as in the authors' config (`use_bias: False`): 18,900,992 parameters."""
+    block = [*linear_bn_relu(bottleneck, hidden), *linear_bn_relu(hidden, hidden), *linear_bn_relu(hidden, bottleneck)]
     return nn.Sequential(*linear_bn_relu(in_dim, bottleneck), Residual(*block), nn.Linear(bottleneck, n_classes))
 
 
@@ -161,8 +162,49 @@ def head_widths(role: str, name: str, **overrides: int | None) -> dict:
     return widths
 
 
-def build_head(role: str, name: str, in_dim: int, out_dim: int, **overrides: int | None) -> nn.Module:
-    """The head `name` of `role`, e.g. build_head("dissl_teacher", "imagenet_d8192", 8192, 16384)."""
+def build_head(role: str, name: str, in_dim: int, out_dim: int, *, init: str = "torchvision",
+               **overrides: int | None) -> nn.Module:
+    """The head `name` of `role`, e.g. build_head("dissl_teacher", "imagenet_d8192", 8192, 16384), initialised
+    as `init` (model.init) says."""
     if name not in HEADS[role]:
         raise ValueError(f"unknown {role} head {name!r}; valid: {', '.join(HEADS[role])}")
-    return HEADS[role][name].build(in_dim, out_dim, **head_widths(role, name, **overrides))
+    head = HEADS[role][name].build(in_dim, out_dim, **head_widths(role, name, **overrides))
+    init_head(head, role, name, out_dim, init)
+    return head
+
+
+# ------------------------------------------------------------------------------------------------
+# Initialisation (model.init; docs/method.md section 8)
+
+# The heads the authors initialised with a Johnson-Lindenstrauss projection (VISSL's is_JL_init, ImageNet
+# CISSL): their Linears that map into the embedding from a wider input.
+JL_HEADS = (("cissl_teacher", "imagenet"), ("cissl_student", "imagenet"))
+
+
+@torch.no_grad()
+def init_head(head: nn.Module, role: str, name: str, out_dim: int, init: str) -> None:
+    """torchvision: leave torch's defaults as built. authors_imagenet (the authors' VISSL heads): torch's
+    defaults, except the Linears of the ImageNet CISSL heads into the out_dim embedding from a wider input,
+    N(0, 1/out_dim).
+    authors_small_data (the authors' small-data code re-initialises every head): each Linear
+    trunc_normal(std 0.02) with a zero bias, each BatchNorm weight 1 and bias 0, DINO's last layer
+    trunc_normal(std 0.02) (it is already)."""
+    if init == "torchvision":
+        return
+    if init == "authors_imagenet":
+        if (role, name) in JL_HEADS:
+            for m in head.modules():
+                if isinstance(m, nn.Linear) and m.out_features == out_dim and m.out_features < m.in_features:
+                    nn.init.normal_(m.weight, std=1 / out_dim ** 0.5)
+        return
+    if init == "authors_small_data":
+        for m in head.modules():
+            if isinstance(m, (nn.Linear, NormalizedLinear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm1d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        return
+    raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")

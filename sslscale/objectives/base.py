@@ -18,6 +18,7 @@ class ObjectiveContext:
     total_steps: int
     encoder: nn.Module  # only DINO uses it (to build its EMA teacher)
     gather: Gather | None = None
+    init: str = "torchvision"  # model.init: how the heads are initialised (sslscale/models/heads.py, init_head)
 
 
 class Objective(nn.Module):

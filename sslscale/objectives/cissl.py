@@ -47,8 +47,8 @@ class CISSL(Objective):
         super().__init__()
         self.cfg, self.gather = cfg, ctx.gather
         # Student: the same function class as the linear probe (linear + BN); teacher: the recipe's MLP.
-        self.student_head = build_head("cissl_student", cfg.student_head, ctx.feature_dim, cfg.dim)
-        self.teacher_head = build_head("cissl_teacher", cfg.teacher_head, ctx.feature_dim, cfg.dim,
+        self.student_head = build_head("cissl_student", cfg.student_head, ctx.feature_dim, cfg.dim, init=ctx.init)
+        self.teacher_head = build_head("cissl_teacher", cfg.teacher_head, ctx.feature_dim, cfg.dim, init=ctx.init,
                                        hidden=cfg.teacher_hidden)
 
     def forward(self, features: list[torch.Tensor], step: int, crops=None):

@@ -14,17 +14,38 @@ from sslscale.objectives.dissl import cross_entropy
 from sslscale.objectives.gather import or_local
 
 
-def dino_loss(teacher_out: list[torch.Tensor], student_out: list[torch.Tensor], *, center: torch.Tensor,
-              tau_t: float, tau_s: float):
+def dino_loss(teacher_out: list[torch.Tensor], student_out: list[torch.Tensor],
+              *, center: torch.Tensor | list[torch.Tensor], tau_t: float, tau_s: float):
     """teacher_out: [B, K] per large crop (no gradient); student_out: [B, K] per crop, large first.
+    center: one [K] centre for every teacher crop, or a list of one per teacher crop (per-view centring).
     Same-view pairs (teacher crop k, student crop k) are skipped."""
-    teacher_probs = [F.softmax((t.float() - center) / tau_t, dim=-1).detach() for t in teacher_out]
+    centers = center if isinstance(center, (list, tuple)) else [center] * len(teacher_out)
+    teacher_probs = [F.softmax((t.float() - c) / tau_t, dim=-1).detach() for t, c in zip(teacher_out, centers)]
     student_log_probs = [F.log_softmax(s.float() / tau_s, dim=-1) for s in student_out]
     terms = [cross_entropy(teacher_probs[k], student_log_probs[j])
              for k in range(len(teacher_probs)) for j in range(len(student_log_probs)) if j != k]
     if not terms:
         raise ValueError("DINO needs at least two crops")
     return torch.stack(terms).mean(), {}
+
+
+def per_view_centers(center: torch.Tensor, batch_centers: list[torch.Tensor], momentum: float
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The authors' centring: one EMA update per teacher view, inside its loss term, so a later term sees the
+    centre the earlier ones updated. Their first term pairs the student's view 0 with the teacher's view 1,
+    so the teacher views are taken last first. Returns (the centre each teacher view is centred with, the
+    centre after all updates)."""
+    centers: list[torch.Tensor] = [center] * len(batch_centers)
+    for k in reversed(range(len(batch_centers))):
+        centers[k] = center
+        center = center * momentum + batch_centers[k] * (1 - momentum)
+    return centers, center
+
+
+def epoch_of(step: int, steps_per_epoch: float) -> int:
+    """The 0-based epoch of a step (steps_per_epoch = samples per epoch / global batch; the small margin keeps
+    a step that starts an epoch exactly in that epoch despite the rounding of the division)."""
+    return math.floor(step / steps_per_epoch + 1e-9)
 
 
 def cosine_momentum(start: float, step: int, total_steps: int) -> float:
@@ -37,15 +58,26 @@ class DINO(Objective):
     def __init__(self, cfg, ctx: ObjectiveContext):
         super().__init__()
         self.cfg, self.ctx, self.gather = cfg, ctx, or_local(ctx.gather)
-        self.student_head = build_head("dino", cfg.head, ctx.feature_dim, cfg.n_prototypes, hidden=cfg.hidden,
-                                       bottleneck=cfg.bottleneck)
+        self.student_head = build_head("dino", cfg.head, ctx.feature_dim, cfg.n_prototypes, init=ctx.init,
+                                       hidden=cfg.hidden, bottleneck=cfg.bottleneck)
         self.teacher_encoder = copy.deepcopy(ctx.encoder)
-        self.teacher_head = copy.deepcopy(self.student_head)
+        if cfg.teacher_head_init == "random":  # the authors' code: a head of its own, initialised independently
+            self.teacher_head = build_head("dino", cfg.head, ctx.feature_dim, cfg.n_prototypes, init=ctx.init,
+                                           hidden=cfg.hidden, bottleneck=cfg.bottleneck)
+        else:
+            self.teacher_head = copy.deepcopy(self.student_head)
         for p in [*self.teacher_encoder.parameters(), *self.teacher_head.parameters()]:
             p.requires_grad_(False)
         self.register_buffer("center", torch.zeros(cfg.n_prototypes))
 
     def teacher_temperature(self, step: int) -> float:
+        if self.cfg.tau_t_interval == "epoch":
+            # The authors' (and DINO's) schedule: a linspace of tau_t_warmup_epochs values, one per epoch, so
+            # tau_t_end is reached at epoch tau_t_warmup_epochs - 1.
+            epoch, warmup = epoch_of(step, self.ctx.steps_per_epoch), round(self.cfg.tau_t_warmup_epochs)
+            if epoch >= warmup:
+                return self.cfg.tau_t_end
+            return self.cfg.tau_t_start + (self.cfg.tau_t_end - self.cfg.tau_t_start) * epoch / max(warmup - 1, 1)
         warmup_steps = self.cfg.tau_t_warmup_epochs * self.ctx.steps_per_epoch
         if step >= warmup_steps:
             return self.cfg.tau_t_end
@@ -58,11 +90,19 @@ class DINO(Objective):
             teacher_out = list(self.teacher_head(torch.cat(teacher_features)).chunk(n_large))
         student_out = list(self.student_head(torch.cat(features)).chunk(len(features)))
         tau_t = self.teacher_temperature(step)
-        loss, logs = dino_loss(teacher_out, student_out, center=self.center, tau_t=tau_t, tau_s=self.cfg.tau_s)
-        if self.training:
+        if self.cfg.center_update == "per_view" and self.training:
             with torch.no_grad():
-                batch_center = self.gather(torch.cat(teacher_out).float()).mean(0)
-                self.center.mul_(self.cfg.center_momentum).add_(batch_center, alpha=1 - self.cfg.center_momentum)
+                batch_centers = [self.gather(t.float()).mean(0) for t in teacher_out]
+                centers, new_center = per_view_centers(self.center.clone(), batch_centers, self.cfg.center_momentum)
+            loss, logs = dino_loss(teacher_out, student_out, center=centers, tau_t=tau_t, tau_s=self.cfg.tau_s)
+            self.center.copy_(new_center)
+        else:
+            loss, logs = dino_loss(teacher_out, student_out, center=self.center, tau_t=tau_t, tau_s=self.cfg.tau_s)
+            if self.training:
+                with torch.no_grad():
+                    batch_center = self.gather(torch.cat(teacher_out).float()).mean(0)
+                    self.center.mul_(self.cfg.center_momentum).add_(batch_center,
+                                                                    alpha=1 - self.cfg.center_momentum)
         logs["tau_t"] = tau_t  # a Python number: schedule values never leave the host
         return loss, logs
 

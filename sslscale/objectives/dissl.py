@@ -58,10 +58,12 @@ def dissl_loss(teacher_logits: list[torch.Tensor], student_logits: list[torch.Te
 
 
 def warmed_up_beta(beta: float, lam: float, step: int, warmup_steps: int) -> float:
-    """beta_t = lam + (beta - lam) * (t + 1) / T_w for t < T_w: start invariance at lam, ease to beta."""
-    if step >= warmup_steps:
+    """beta_t = lam + (beta - lam) * (t + 2) / T_w for the 0-based step t: start invariance near lam, ease to
+    beta, reached at t = T_w - 2. The authors' loss increments its step counter before it uses it, so their
+    first step already sees (1 + 1) / T_w (docs/method.md section 1)."""
+    if step + 2 >= warmup_steps:
         return beta
-    return lam + (beta - lam) * (step + 1) / warmup_steps
+    return lam + (beta - lam) * (step + 2) / warmup_steps
 
 
 class DISSL(Objective):
@@ -72,9 +74,9 @@ class DISSL(Objective):
         super().__init__()
         self.cfg, self.n_large, self.gather = cfg, ctx.n_large_crops, ctx.gather
         self.teacher_head = build_head("dissl_teacher", cfg.teacher_head, ctx.feature_dim, cfg.n_classes,
-                                       hidden=cfg.teacher_hidden, bottleneck=cfg.teacher_bottleneck)
+                                       init=ctx.init, hidden=cfg.teacher_hidden, bottleneck=cfg.teacher_bottleneck)
         self.student_head = build_head("dissl_student", cfg.student_head, ctx.feature_dim, cfg.n_classes,
-                                       bottleneck=cfg.student_bottleneck)
+                                       init=ctx.init, bottleneck=cfg.student_bottleneck)
 
     def forward(self, features: list[torch.Tensor], step: int, crops=None):
         large = torch.cat(features[: self.n_large])

@@ -32,7 +32,7 @@ class SimCLR(Objective):
     def __init__(self, cfg, ctx: ObjectiveContext):
         super().__init__()
         self.cfg, self.gather = cfg, ctx.gather
-        self.head = build_head("simclr", cfg.head, ctx.feature_dim, cfg.dim, hidden=cfg.hidden)
+        self.head = build_head("simclr", cfg.head, ctx.feature_dim, cfg.dim, init=ctx.init, hidden=cfg.hidden)
 
     def forward(self, features: list[torch.Tensor], step: int, crops=None):
         return simclr_loss(list(self.head(torch.cat(features)).chunk(2)), tau=self.cfg.tau, gather=self.gather)

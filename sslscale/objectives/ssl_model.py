@@ -23,5 +23,6 @@ class SSLModel(nn.Module):
 def build_model(cfg: Config, *, steps_per_epoch: float, total_steps: int, gather=None) -> SSLModel:
     encoder = build_trunk(cfg.model)
     ctx = ObjectiveContext(feature_dim=encoder.out_dim, n_large_crops=cfg.data.crops[0].count,
-                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, encoder=encoder, gather=gather)
+                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, encoder=encoder, gather=gather,
+                           init=cfg.model.init)
     return SSLModel(encoder, build_objective(cfg.objective, ctx))

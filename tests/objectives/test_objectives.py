@@ -92,7 +92,7 @@ def test_marginal_entropy_is_zero_under_collapse_and_log_c_when_spread():
 
 
 def test_beta_warmup_starts_at_lambda_and_reaches_beta():
-    assert warmed_up_beta(0.6, 2.3, 0, 1000) == pytest.approx(2.3 + (0.6 - 2.3) / 1000)
+    assert warmed_up_beta(0.6, 2.3, 0, 1000) == pytest.approx(2.3 + (0.6 - 2.3) * 2 / 1000)
     assert warmed_up_beta(0.6, 2.3, 999, 1000) == pytest.approx(0.6)
     assert warmed_up_beta(0.6, 2.3, 5000, 1000) == 0.6
     assert warmed_up_beta(0.6, 2.3, 0, 0) == 0.6
