@@ -44,7 +44,10 @@ def main() -> None:
 
     from data_pipelines.loaders import multicrop_batches
     from sslscale.config import load_config
-    from sslscale.train.loop import Trainer
+    try:
+        from sslscale.train.loop import Trainer
+    except ImportError:  # a checkout from before sslscale/ was laid out by concern (--repo)
+        from sslscale.train import Trainer
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config(None, [*OVERRIDES, *args.overrides, f"run.root={root}"])

@@ -6,7 +6,9 @@ import os
 
 from sslscale.config import Config, load_config
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# configs/ of the checkout: sslscale/config/recipes.py -> the repository root.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
 
 
 def describe(cfg: Config) -> str:
