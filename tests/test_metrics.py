@@ -72,6 +72,7 @@ def rankme_curve(run_dir):
     return [(e.step, e.value) for e in events.Scalars("label_free/rankme")]
 
 
+@pytest.mark.slow
 def test_rankme_during_pretraining_is_gathered_over_ranks(tmp_path):
     common = ["train.max_steps=2", "train.rankme_every_steps=1", "train.rankme_rows=32", "optim.name=sgd",
               "optim.base_lr=0.005", "optim.warmup_epochs=0"]

@@ -22,6 +22,9 @@ from tests.conftest import REPO, tiny_overrides
 from tests.dist.test_distributed import run_world
 
 STEP_2, STEP_4 = Checkpointer.name(2), Checkpointer.name(4)
+# Every test here reads the checkpoints of one module fixture that trains several runs (~50 s to build).
+pytestmark = pytest.mark.slow
+
 COMMON = ["train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep=2", "optim.name=sgd",
           "optim.warmup_epochs=0"]
 

@@ -46,6 +46,7 @@ def fill(root):
             pass
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_with_one_line_and_keeps_earlier_checkpoints(tmpfs, tmp_path, capsys):
     root = tmpfs(tmp_path / "disk", 6144)  # a checkpoint of the tiny model is 1.7 MB; keep=2 needs 3 at a time
     args = ["pretrain", QUICKSTART, *tiny_overrides(root), "train.max_steps=6", "eval.after_pretrain=false"]

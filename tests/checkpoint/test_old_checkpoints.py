@@ -31,6 +31,7 @@ def _rank_main(rank, world, port, run_dir):
     pretrain(load_run_config(run_dir, ["train.max_steps=4"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_checkpoint_of_the_flat_layout_resumes_and_continues_bitwise(strategy, tmp_path):
     with open(os.path.join(FIXTURES, strategy, "expected_step4.json")) as f:

@@ -23,6 +23,7 @@ def cli(*args, cwd=REPO):
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_moved_or_copied_run_folder_is_evaluated_and_exported_where_it_is(tiny_config, tmp_path):
     original = tiny_config("train.max_steps=2")
     pretrain(original)
@@ -39,6 +40,7 @@ def test_a_moved_or_copied_run_folder_is_evaluated_and_exported_where_it_is(tiny
     assert cfg.run_dir == str(copy) and cfg.run.name == "my-copy"
 
 
+@pytest.mark.slow
 def test_one_live_process_per_run_folder(tiny_config):
     cfg = tiny_config("train.max_steps=2")
     os.makedirs(cfg.run_dir)

@@ -28,7 +28,9 @@ def dataset_size_flag(path):
     return ["--dataset-size", str(TINYIMAGENET_TRAIN if "tinyimagenet" in path else IMAGENET_TRAIN)]
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+# The fast tier plans the quickstart; the full suite every recipe (seconds each).
+@pytest.mark.parametrize("path", [path if path.endswith("quickstart.yaml") else pytest.param(path, marks=pytest.mark.slow)
+                                  for path in CONFIGS], ids=os.path.basename)
 def test_plan_runs_for_every_config(capsys, path):
     # ResNet-50 FLOP counts take seconds each: two ImageNet recipes are counted in the tests below.
     imagenet = "resnet50" in path
@@ -121,6 +123,7 @@ def test_pretrain_prints_the_plan_and_writes_it_to_the_run_folder(tiny_config, c
     assert saved["end_step"] == 1
 
 
+@pytest.mark.slow
 def test_a_resumed_run_reuses_the_flop_count_of_its_plan_unless_the_model_changed(tiny_config, monkeypatch):
     from sslscale.cost import plan as plan_module
     calls = []

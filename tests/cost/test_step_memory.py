@@ -66,6 +66,7 @@ def test_the_share_of_the_host_is_divided_between_local_ranks(monkeypatch):
     assert check_fits(need, torch.device("meta"), 8) is None  # nothing to compare with
 
 
+@pytest.mark.slow
 def test_plan_prints_and_stores_the_step_memory(capsys):
     main(["plan", "configs/dissl_resnet50_d8192_e800_m8.yaml", "--dataset-size", "1281167", "--no-flops"])
     assert "step memory per rank at 320 images, at least: activations" in capsys.readouterr().out

@@ -144,6 +144,7 @@ def _rank_eval(rank, world, port, overrides, eval_dir):
     assert (report is None) == (rank != 0)
 
 
+@pytest.mark.slow
 def test_two_rank_extraction_equals_one_rank(trained_on_fashion_mnist):
     cfg, overrides = trained_on_fashion_mnist
     overrides = [*overrides, "eval.compare_random_init=true"]
@@ -195,6 +196,7 @@ def test_linear_eval_and_knn_of_an_exported_trunk_file(trained, tmp_path, capsys
                           cached(os.path.join(cfg.run_dir, "eval"), "train"))
 
 
+@pytest.mark.slow
 def test_an_fsdp_checkpoint_is_evaluated_like_a_ddp_one(tmp_path):
     """Sharded (DCP) checkpoints consolidate in the evaluating process: the cached features are those of the
     trunk `export` writes from the same shards."""

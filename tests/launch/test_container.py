@@ -400,6 +400,7 @@ def requeue_mount_specs() -> list[str]:
     return [str(m) for m in container.requeue_mounts()]
 
 
+@pytest.mark.slow
 def test_a_job_in_a_pyxis_container_is_signalled_requeues_itself_from_inside_and_completes(
         slurm, tmp_path, monkeypatch):
     """Every task started through srun's pyxis options. SIGUSR2, the signal SLURM sends before the time limit,
@@ -437,6 +438,7 @@ def test_a_job_in_a_pyxis_container_is_signalled_requeues_itself_from_inside_and
     assert Checkpointer(str(run_dir), 5).load_latest()[0]["progress"]["step"] == steps
 
 
+@pytest.mark.slow
 def test_a_job_in_an_apptainer_container_runs_on_slurm(slurm, tmp_path, monkeypatch):
     image = tmp_path / "sslscale.sif"
     image.write_text("stands in for an image")

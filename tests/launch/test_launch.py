@@ -49,6 +49,7 @@ def job_log(run_dir, job_id: str, task: int = 0) -> str:
         return f.read()
 
 
+@pytest.mark.slow
 def test_a_tiny_pretraining_job_runs_on_slurm(slurm, tmp_path):
     status, out, err = submit(QUICKSTART, *tiny_overrides(tmp_path), "train.max_steps=4",
                               "eval.after_pretrain=false", *JOB)
@@ -97,6 +98,7 @@ def assert_same_weights(run_dir, reference_dir, steps: int) -> None:
         assert torch.equal(value, resumed["model"][key]), key
 
 
+@pytest.mark.slow
 def test_a_job_past_its_time_limit_is_signalled_checkpointed_requeued_and_ends_where_one_unbroken_run_does(
         slurm, tmp_path):
     """Time limit 2 min with SIGUSR2 30 s before it (SLURM may send it up to a minute early), and about
@@ -136,6 +138,7 @@ def test_a_job_past_its_time_limit_is_signalled_checkpointed_requeued_and_ends_w
     assert os.path.exists(run_dir / "eval" / "linear.json"), job_log(run_dir, eval_id)[-2000:]
 
 
+@pytest.mark.slow
 def test_sigterm_alone_saves_and_fails_the_job_instead_of_requeueing_it(slurm, tmp_path):
     """scancel (or pre-emption without a requeue signal) sends SIGTERM: save, then fail, so that an
     afterok eval does not start on a half-trained run and a cancelled job never requeues itself."""
@@ -154,6 +157,7 @@ def test_sigterm_alone_saves_and_fails_the_job_instead_of_requeueing_it(slurm, t
     assert Checkpointer(str(tmp_path / "tiny"), 5).complete()
 
 
+@pytest.mark.slow
 def test_a_job_signalled_in_its_probe_stage_keeps_the_cache_requeues_and_finishes(slurm, tmp_path):
     """Pretraining, then the probe in the same job, with DataLoader workers. SIGUSR1 (a pre-emption
     warning; SIGUSR2 at the time limit takes the same path) reaches every process of the job while the
@@ -183,6 +187,7 @@ def test_a_job_signalled_in_its_probe_stage_keeps_the_cache_requeues_and_finishe
     assert os.path.exists(tmp_path / "tiny" / "eval" / "linear.json")
 
 
+@pytest.mark.slow
 def test_resubmitting_resumes_and_a_shape_change_is_refused_unless_force_new(slurm, tmp_path):
     base = [QUICKSTART, *tiny_overrides(tmp_path), "eval.after_pretrain=false", *JOB]
     status, out, err = submit(*base, "train.max_steps=2")
@@ -201,6 +206,7 @@ def test_resubmitting_resumes_and_a_shape_change_is_refused_unless_force_new(slu
     wait_until_gone(job_ids(out)[0], 180)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, needle", [
     (["--partition", "nosuch"], "slurm.partition: 'nosuch' does not exist here; choose one of debug"),
     (["--gpus-per-node", "8"], "slurm.gpus_per_node: 8, but the nodes of partition debug have at most 0 GPUs"),
@@ -253,6 +259,7 @@ def test_dry_run_without_a_controller_skips_the_cluster_checks_and_shows_setup_a
     assert not (run_dir / "eval").exists()
 
 
+@pytest.mark.slow
 def test_the_local_executor_runs_the_same_job_and_requeues_on_its_signal(tmp_path):
     """submitit's local executor sends SIGUSR2 signal_delay_s before timeout_min, in every run: with
     1 min and 35 s the job is signalled 25 s in. About 30 s of training: the first run saves and exits
@@ -270,6 +277,7 @@ def test_the_local_executor_runs_the_same_job_and_requeues_on_its_signal(tmp_pat
     assert_same_weights(tmp_path / "tiny", tmp_path / "reference" / "tiny", steps)
 
 
+@pytest.mark.slow
 def test_a_crashing_job_is_requeued_a_bounded_number_of_times(tmp_path):
     """A run whose every checkpoint is unreadable cannot resume (and must not silently start over): the
     job crashes, is requeued slurm.max_crash_retries times, then fails for good."""
@@ -320,6 +328,7 @@ def test_a_sweep_makes_one_run_folder_per_point(tmp_path, capsys):
     assert "n_classes: 32" in out
 
 
+@pytest.mark.slow
 def test_an_evaluation_job_extracts_on_every_task_then_probes(tmp_path):
     """The evaluation as a 2-task job on the local executor: both tasks extract their share of the feature
     blocks, task 0 probes; a second job reuses the whole cache."""

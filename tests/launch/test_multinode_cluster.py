@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # a cluster of four nodes, started once for the module
 SCRIPT = os.path.join(REPO, ".ci", "slurm-multinode")
 SLURM_CONF = "/tmp/sslscale-slurm-multinode/slurm.conf"
 NODES = ["node1", "node2", "node3", "node4"]

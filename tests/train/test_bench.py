@@ -34,6 +34,7 @@ def test_bench_measures_the_step_the_data_and_both_together(tmp_path, capsys):
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "sslscale-bench-*"))) == bench_folders  # and removes it
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_on_a_cpu_in_smoke_mode(tmp_path):
     """benchmarks/gpu_check.py --cpu-smoke: the script itself stays runnable between GPU sessions (the checks
     that train several runs are left out here for time; NCCL is skipped without a GPU)."""

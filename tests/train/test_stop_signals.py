@@ -77,6 +77,7 @@ def assert_resumes(root, step: int, folder) -> None:
     assert Checkpointer(str(root / "tiny"), 5).complete()[-1] == Checkpointer.name(step + 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])  # SIGUSR2: tests/launch/test_launch.py
 def test_a_stop_signal_to_every_process_saves_exits_75_and_a_rerun_resumes(tmp_path, sig):
     """SLURM (pre-emption, scancel, --signal), systemd and kill -- -PGID signal every process, the
@@ -89,6 +90,7 @@ def test_a_stop_signal_to_every_process_saves_exits_75_and_a_rerun_resumes(tmp_p
     assert_resumes(tmp_path, stopped_at(run, sig), tmp_path / "rerun")
 
 
+@pytest.mark.slow
 def test_ctrl_c_once_saves_and_stops_and_a_later_sigterm_does_not_abandon_the_save(tmp_path):
     # The flag is read every 50 steps: both signals arrive while the save is pending.
     run = Run(pretrain(tmp_path, "train.check_every_steps=50"), tmp_path / "run")
@@ -101,6 +103,7 @@ def test_ctrl_c_once_saves_and_stops_and_a_later_sigterm_does_not_abandon_the_sa
     assert stopped_at(run, "SIGINT") == 50
 
 
+@pytest.mark.slow
 def test_a_sigint_after_sigterm_does_not_abandon_the_save(tmp_path):
     run = Run(pretrain(tmp_path, "train.check_every_steps=50"), tmp_path / "run")
     run.wait_for(r"step 3/")
@@ -138,6 +141,7 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_two_ranks_under_torchrun_stop_at_one_step_on_sigterm_to_every_process_and_resume(tmp_path):
     """As SLURM signals a step: every process (torchrun, both ranks, their loader workers) gets SIGTERM."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")

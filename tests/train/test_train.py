@@ -55,6 +55,7 @@ def test_a_run_writes_its_folder_checkpoints_and_tensorboard_scalars(tiny_config
     assert hparams["optim.base_lr"].number_value == 0.1 and hparams["objective.name"].string_value == "dissl"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective, extra", [
     ("dissl", ["optim.name=lars"]),
     ("dino", ["data.crops=[{size: 8, count: 2}, {size: 4, count: 2, scale: [0.2, 0.5]}]"]),
@@ -205,6 +206,7 @@ def run_cli(*args, **kwargs):
                           timeout=300, **kwargs)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_without_a_traceback_and_writes_nothing(tmp_path):
     result = run_cli("pretrain", os.path.join(REPO, "configs", "quickstart.yaml"), "objective.name=byol",
                      f"run.root={tmp_path}")
@@ -219,6 +221,7 @@ def test_cli_reports_bad_input_without_a_traceback_and_writes_nothing(tmp_path):
     assert result.returncode == 2 and "rank 5 is outside world size 2" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_compiled_trunk_trains_as_the_eager_one(tmp_path):
     """train.compile: torch.compile of the trunk (minutes of compilation on a GPU recipe, seconds here). The
     compiler reorders float arithmetic, so after two steps the weights agree to rounding, not bitwise."""
