@@ -75,6 +75,12 @@ def layer_of(module: str) -> tuple[int, str]:
     return best
 
 
+def test_every_package_of_the_layers_is_there():
+    """A folder the version control ignores (a `dist/` or `data/` rule) would be missing from a fresh clone."""
+    missing = [package for packages in LAYERS for package in packages if package not in MODULES]
+    assert not missing, f"packages named in LAYERS but absent from the tree: {missing}"
+
+
 def test_every_import_points_down_or_stays_in_its_package():
     upward = []
     for module, imported in GRAPH.items():
