@@ -86,6 +86,9 @@ class TrainConfig:
     # (label_free/rankme in TensorBoard); null: never.
     rankme_every_steps: int | None = 1000
     rankme_rows: int = 4096
+    # The dense peak of one device in TFLOP/s at train.precision, for MFU on a device that
+    # sslscale/cost/hardware.py does not know (null: the table's figure, or no MFU).
+    peak_tflops: float | None = None
     # Signals that make a run save at the next checked step boundary and exit 75 (requeue); every process of
     # a job hears them, workers ignore them (sslscale/train/stop_signals.py). SIGINT (Ctrl-C) is always handled:
     # once saves and stops the same way, twice aborts at once.
@@ -150,4 +153,6 @@ def validate_training(c) -> list[str]:
     if c.train.rankme_every_steps is not None:
         e += positive("train.rankme_every_steps", c.train.rankme_every_steps)
     e += positive("train.rankme_rows", c.train.rankme_rows)
+    if c.train.peak_tflops is not None:
+        e += positive("train.peak_tflops", c.train.peak_tflops)
     return e

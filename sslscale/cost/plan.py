@@ -148,7 +148,7 @@ def format_plan(plan: dict, title: str) -> str:
         step = flops["train_step_flops"] * plan["global_batch"]
         lines.append(f"  FLOPs       per image: forward {flops['forward_macs'] / 1e9:.3g} GMAC = "
                      f"{flops['forward_flops'] / 1e9:.3g} GFLOP; training step {flops['train_step_flops'] / 1e9:.3g} "
-                     f"GFLOP (fvcore, 1 multiply-add = 2 FLOPs); per global step {step / 1e12:.3g} TFLOP; "
+                     f"GFLOP ({flops.get('counter', 'fvcore')}, 1 multiply-add = 2 FLOPs); per global step {step / 1e12:.3g} TFLOP; "
                      f"the whole run {plan['run_flops']:.3g} FLOP")
     lines.append(f"  memory      per rank ({plan['strategy']}, {plan['precision']}): weights {_bytes(memory['weights'])}"
                  f" + gradients {_bytes(memory['gradients'])} + optimizer {_bytes(memory['optimizer_state'])} + "

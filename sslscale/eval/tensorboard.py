@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from sslscale.train.monitor import summary_writer
+
 
 def scalars_of(report: dict) -> dict[str, float]:
     """eval/<trunk>/<probe> -> value: linear probes (the point chosen on validation), kNN per k, RankMe."""
@@ -21,8 +23,10 @@ def scalars_of(report: dict) -> dict[str, float]:
 
 
 def log_report(report: dict, run_dir: str) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-    with SummaryWriter(os.path.join(run_dir, "tb")) as writer:
+    writer = summary_writer(os.path.join(run_dir, "tb"))
+    if writer is None:
+        return
+    with writer:
         for tag, value in scalars_of(report).items():
             writer.add_scalar(tag, value, report.get("step", 0))
         writer.add_text("eval/protocol", report["protocol"], report.get("step", 0))

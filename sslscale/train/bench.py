@@ -29,7 +29,7 @@ import torch
 from data_pipelines.batch import Batch
 from data_pipelines.loaders import multicrop_batches
 from sslscale.config import Config
-from sslscale.cost.hardware import device_name, peak_flops
+from sslscale.cost.hardware import device_name, peak_flops, peak_problem
 from sslscale.dist.process_group import destroy_process_group
 from sslscale.train.device import compute_dtype
 from sslscale.train.loop import Trainer
@@ -91,6 +91,16 @@ def counting_host_syncs(device: torch.device):
     count[0] = sum("synchronizing" in str(w.message) for w in caught)
 
 
+class CompiledNothing(RuntimeError):
+    pass
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled since the counters were last cleared (run_bench clears them)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def measure(trainer: Trainer, name: str, batches, steps: int, warmup: int, train: bool) -> dict:
     """Runs warm-up + timed steps of `batches` (through the step if `train`) and reports them."""
     device, cfg = trainer.device, trainer.cfg
@@ -125,16 +135,23 @@ def measure(trainer: Trainer, name: str, batches, steps: int, warmup: int, train
         synchronize(device)
         seconds = (time.perf_counter() - start) / steps
     images_per_s = per_rank / seconds
+    graphs = compiled_graphs() if cfg.train.compile else None
+    if train and graphs == 0:
+        # A compile that fell back to eager would otherwise be timed, and reported, as compiled.
+        raise CompiledNothing(f"train.compile: dynamo compiled no graph in {warmup + steps} steps of {name}: the "
+                              "step ran eagerly, so its time is not a compiled time")
     flops = trainer.plan.get("flops_per_image", {}).get("train_step_flops")
-    peak = peak_flops(device, cfg.train.precision)
+    peak = peak_flops(device, cfg.train.precision, cfg.train.peak_tflops)
     return {
         "measurement": name, "device": device_name(device), "precision": cfg.train.precision,
         "world_size": trainer.env.world_size, "batch_per_rank": per_rank, "crops_per_image": crops,
         "steps": steps, "seconds_per_step": seconds, "images_per_s": images_per_s,
         "crops_per_s": images_per_s * crops,
         "mfu": images_per_s * flops / peak if (train and flops and peak) else None,
-        "train_step_flops_per_image": flops, "peak_flops": peak,
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "train_step_flops_per_image": flops, "flop_counter": trainer.plan.get("flops_per_image", {}).get("counter"),
+        "peak_flops": peak, "no_mfu_because": None if not train or (flops and peak) else (
+            peak_problem(device, cfg.train.precision, cfg.train.peak_tflops) or "no FLOP count"),
+        "peak_memory_bytes": peak_memory_bytes(device), "compiled_graphs": graphs,
         "host_seconds_per_step": {p: phases.seconds[p] / steps for p in PHASES if p in phases.seconds},
         "host_syncs_per_step": None if syncs[0] is None else syncs[0] / steps,
         "nonfinite_steps": trainer.progress.nonfinite.state_dict()["nonfinite_total"] if train else None,
@@ -153,6 +170,9 @@ def run_bench(cfg: Config, *, steps: int, warmup: int, measurements=MEASUREMENTS
     """Every measurement, plus a last record with the data-stall fraction."""
     cfg = bench_config(cfg)
     try:
+        if cfg.train.compile:
+            from torch._dynamo.utils import counters
+            counters.clear()  # the graphs of this trainer, counted in every record (compiled_graphs)
         trainer = Trainer(cfg, stream=io.StringIO())
         trainer.model.train()
         trainer.monitor.start(0)

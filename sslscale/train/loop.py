@@ -30,7 +30,7 @@ from sslscale.checkpoint.state import TrainingState
 from sslscale.checkpoint.store import Checkpointer
 from sslscale.config import Config, ConfigError
 from sslscale.cost.compile_toolchain import compile_toolchain_problem
-from sslscale.cost.hardware import device_name, peak_flops
+from sslscale.cost.hardware import device_name, peak_flops, peak_problem
 from sslscale.cost.plan import format_plan, make_plan
 from sslscale.cost.step_memory import StepDoesNotFit, check_fits, estimate_step_memory
 from sslscale.dist.collectives import AllGatherWithGrad
@@ -128,7 +128,9 @@ class Trainer:
             self.device, memory_format=weight_layout(cfg.dist.strategy, self.env, self.layout))
         if cfg.train.compile:
             # In place: the module and its state_dict keys stay as they are (checkpoints do not change).
-            self.core.encoder.compile()
+            # dynamic=False: one static graph per crop size. Left to itself, dynamo recompiles the 224-px graph
+            # as a dynamic one when the 96-px crops arrive, and both sizes then run the slower dynamic graph.
+            self.core.encoder.compile(dynamic=False)
         self.model = wrap_for_training(self.core, cfg.dist.strategy, self.env, self.device, cfg.train.precision)
         self.sharded = is_sharded(self.core)
         self.optimizer = build_optimizer(self.core, cfg.optim, self.global_batch)
@@ -192,8 +194,13 @@ class Trainer:
                               previous=previous)
         print(format_plan(self.plan, f"plan of {self.cfg.run_dir}"), file=self.stream, flush=True)
         write_json_atomic(path, self.plan)
+        train_cfg = self.cfg.train
         self.monitor.measure_mfu(self.plan.get("flops_per_image", {}).get("train_step_flops"),
-                                 peak_flops(self.device, self.cfg.train.precision), self.env.world_size)
+                                 peak_flops(self.device, train_cfg.precision, train_cfg.peak_tflops),
+                                 self.env.world_size)
+        if self.device.type == "cuda" and (problem := peak_problem(self.device, train_cfg.precision,
+                                                                   train_cfg.peak_tflops)):
+            print(f"MFU: {problem}", file=self.stream, flush=True)
 
     def train_step(self, batch, step: int) -> tuple[torch.Tensor, dict]:
         """Forward, backward and update, without reading anything on the host. A non-finite loss on any rank

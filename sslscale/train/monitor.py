@@ -36,6 +36,24 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+_warned_no_tensorboard = False
+
+
+def summary_writer(folder: str, stream=None, **options):
+    """A TensorBoard SummaryWriter on `folder`, or None where tensorboard is not installed (a bare GPU node):
+    the run then logs to the console and its log file only, and says so once per process."""
+    global _warned_no_tensorboard
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        if not _warned_no_tensorboard:
+            print(f"warning: no TensorBoard events ({error}; pip install tensorboard): the console and "
+                  f"console.log keep the run's numbers", file=stream or sys.stderr, flush=True)
+            _warned_no_tensorboard = True
+        return None
+    return SummaryWriter(folder, **options)
+
+
 class Monitor:
     def __init__(self, run_dir: str, *, end_step: int, samples_per_epoch: int, global_batch: int,
                  log_every: int, enabled: bool = True, reduce=None, stream=None):
@@ -68,10 +86,9 @@ class Monitor:
         """Open the event file and the first timing window, just before the first step. `config`: the resolved
         config, shown in TensorBoard as text and as hyper-parameters (the HPARAMS tab, next to the loss)."""
         if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
             # purge_step drops events that a killed run wrote after its last checkpoint.
-            self.writer = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=step + 1)
-            if config is not None:
+            self.writer = summary_writer(os.path.join(self.run_dir, "tb"), self.stream, purge_step=step + 1)
+            if config is not None and self.writer is not None:
                 self._write_config(config, step)
         self._first_logged = step + 1
         self._reset_window(time.perf_counter())
@@ -122,7 +139,8 @@ class Monitor:
                        **({"perf/mfu": mfu} if mfu is not None else {}),
                        **self._read_on_host(gauges or {}, reduce=False)}
             for key, value in scalars.items():
-                self.writer.add_scalar(key, value, done)
+                if self.writer is not None:
+                    self.writer.add_scalar(key, value, done)
             terms = " ".join(f"{k} {v:.4g}" for k, v in averages.items())
             print(f"step {done}/{self.end_step} epoch {done * self.global_batch / self.samples_per_epoch:.2f} {terms} "
                   f"lr {lr:.3g} img/s {images_per_s:.0f}" + (f" MFU {mfu:.1%}" if mfu is not None else "")

@@ -2,8 +2,6 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -11,7 +9,7 @@ import pytest
 from sslscale.cli import main
 from sslscale.train import loop as train
 from sslscale.train.monitor import Monitor
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import tiny_overrides
 
 
 def test_bench_measures_the_step_the_data_and_both_together(tmp_path, capsys):
@@ -34,21 +32,6 @@ def test_bench_measures_the_step_the_data_and_both_together(tmp_path, capsys):
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "sslscale-bench-*"))) == bench_folders  # and removes it
 
 
-@pytest.mark.slow
-def test_the_gpu_check_runs_on_a_cpu_in_smoke_mode(tmp_path):
-    """benchmarks/gpu_check.py --cpu-smoke: the script itself stays runnable between GPU sessions (the checks
-    that train several runs are left out here for time; NCCL is skipped without a GPU)."""
-    out = tmp_path / "gpu_check"
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(out), "--cpu-smoke", "--only",
-                           "environment,recipe_step,nccl_batchnorm"], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    records = {r["check"]: r for r in json.loads((out / "checks.json").read_text())}
-    assert [records[c]["status"] for c in ("environment", "recipe_step", "nccl_batchnorm")] == ["pass", "pass", "skip"]
-    (run,) = records["recipe_step"]["runs"].values()
-    assert run["images_per_s"] > 0 and run["nonfinite_steps"] == 0 and run["precision"] == "bf16"
-    assert "measurement" in (out / "bench_table.txt").read_text()
-
-
 def test_bench_prints_a_table_and_refuses_bad_flags(tmp_path, capsys):
     overrides = tiny_overrides(tmp_path / "runs")
     assert main(["bench", "configs/quickstart.yaml", *overrides, "--steps", "1", "--warmup", "0",
@@ -68,7 +51,28 @@ def test_mfu_is_the_achieved_share_of_the_devices_peak():
 
 
 def test_the_training_console_shows_mfu_where_the_device_has_a_peak(tiny_config, capsys, monkeypatch):
-    monkeypatch.setattr(train, "peak_flops", lambda device, precision: 1e9)
+    monkeypatch.setattr(train, "peak_flops", lambda device, precision, override=None: 1e9)
     train.pretrain(tiny_config("train.max_steps=2"))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 2/2")]
     assert lines and " MFU " in lines[0]
+
+
+def test_without_tensorboard_a_run_trains_logs_to_the_console_and_says_so_once(tiny_config, capsys, monkeypatch):
+    import builtins
+
+    from sslscale.train import monitor
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    monkeypatch.setattr(monitor, "_warned_no_tensorboard", False)
+    cfg = tiny_config("train.max_steps=2")
+    train.pretrain(cfg)
+    out = capsys.readouterr().out
+    assert out.count("warning: no TensorBoard events") == 1
+    assert "step 2/2" in out and os.path.exists(os.path.join(cfg.run_dir, "ckpt", "latest"))
+    assert not glob.glob(os.path.join(cfg.run_dir, "tb", "events.*"))
