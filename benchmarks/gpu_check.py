@@ -235,11 +235,9 @@ class OneRankCrossRankBatchNorm:
     @staticmethod
     def build(channels: int, cls=None):
         from sslscale.dist.batchnorm import CrossRankBatchNorm
-
-        class Forced(cls or CrossRankBatchNorm):
-            def spans_ranks(self):
-                return True
-        return Forced(channels)
+        module = (cls or CrossRankBatchNorm)(channels)
+        module.collective = True
+        return module
 
 
 def compare_batchnorm(candidate: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor) -> dict:

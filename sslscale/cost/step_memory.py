@@ -20,6 +20,7 @@ import torch
 from data_pipelines.augment import crop_sizes
 from sslscale.config import Config, ConfigError
 from sslscale.cost.model_state import memory_per_rank, module_parameters
+from sslscale.dist.batchnorm import sync_batchnorm
 from sslscale.objectives.ssl_model import build_model
 
 PREFETCH_FACTOR = 4  # data_pipelines/torchvision.py: batches each DataLoader worker keeps ready
@@ -68,6 +69,8 @@ def estimate_step_memory(cfg: Config, per_rank_batch: int, world_size: int) -> S
     on the meta device (the caller's random number generators are left as they were)."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = build_model(cfg, steps_per_epoch=1.0, total_steps=1)
+    if world_size > 1:  # the BatchNorm that will run: statistics across ranks (dist/parallel.py prepare_batchnorm)
+        model = sync_batchnorm(model, collective=True)
     buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
     model_state = memory_per_rank(module_parameters(model), cfg, world_size, buffers)["total"]
     activations = count_activations(model, cfg, per_rank_batch)

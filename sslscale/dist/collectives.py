@@ -25,16 +25,18 @@ class SumOverRanks(torch.autograd.Function):
 
 class AllGatherWithGrad:
     """Concatenates (or sums) a tensor over ranks, keeping gradients. The gather's backward sums every
-    rank's gradient of the gathered rows onto the rank that owns them (torch.distributed.nn's
-    all_gather); the sum's backward all-reduces the incoming gradients (SumOverRanks). With gradients
+    rank's gradient of the gathered rows onto the rank that owns them (a functional all-gather's
+    reduce-scatter); the sum's backward all-reduces the incoming gradients (SumOverRanks). With gradients
     averaged over ranks, each rank then gets the gradient of the global objective."""
 
     def __init__(self):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_gather
-        return torch.cat(all_gather(x.contiguous()))
+        from torch.distributed import _functional_collectives as funcol
+        # all_gather_single_autograd is the current name (torch 2.14); all_gather_tensor_autograd the older one.
+        gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+        return gather(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         return SumOverRanks.apply(x)

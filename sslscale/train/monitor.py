@@ -182,5 +182,12 @@ class Monitor:
         self.first, self.last = dict(state["first"]), dict(state["last"])
 
     def close(self) -> None:
+        """Flush and close the event file. A failure to write it (a full disk) is said in one line and goes no
+        further: close runs while a run unwinds, and must not hide why it stopped (a checkpoint that could not
+        be written names itself)."""
         if self.writer is not None:
-            self.writer.close()
+            writer, self.writer = self.writer, None
+            try:
+                writer.close()
+            except OSError as error:
+                print(f"warning: TensorBoard events could not be written ({error})", file=self.stream, flush=True)
