@@ -29,7 +29,7 @@ from sslscale.objectives.ssl_model import build_model
 from sslscale.train.device import memory_format, resolve_device
 from sslscale.train.stop_signals import StoppedForRequeue, StopSignals
 
-CACHE_FORMAT = 1  # bump when what a cached block holds changes meaning
+CACHE_FORMAT = 2  # bump when what a cached block holds changes meaning
 
 
 @dataclass
@@ -119,7 +119,8 @@ def cache_parts(subject: Subject, cfg: Config, sources: dict) -> dict:
                       "std": list(spec.std), "forward": "eval mode, fp32, stored as fp16",
                       "bn_recomputed_on_clean_train_images": BN_RECALIBRATION_IMAGES if cfg.eval.recompute_bn_stats
                       else 0},
-        "data": {"source": cfg.data.source, **{split: source.index_digest() for split, source in sources.items()}},
+        "data": {"source": cfg.data.source, "root": os.path.realpath(cfg.data.path) if cfg.data.path else None,
+                 **{split: source.index_digest() for split, source in sources.items()}},
     }
 
 
