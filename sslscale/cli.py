@@ -131,8 +131,9 @@ def _knn(args) -> int:
 def _export(args) -> int:
     from sslscale.checkpoint.run_folder import load_run_config
     from sslscale.checkpoint.store import Checkpointer, trunk_state
-    from sslscale.checkpoint.trunk_file import TrunkFileError, save_trunk_file
+    from sslscale.checkpoint.trunk_file import TrunkFileError, check_output_path, save_trunk_file
     from sslscale.config import ConfigError
+    check_output_path(args.output)  # before the checkpoint is read: a bad destination costs nothing
     cfg = load_run_config(args.run_dir)
     restored = Checkpointer(cfg.run_dir, cfg.checkpoint.keep).load_latest(model_only=True)
     if restored is None:

@@ -17,7 +17,13 @@ import torch
 from data_pipelines.sources import build_source, random_subset
 from sslscale.checkpoint.lock import FolderLock
 from sslscale.checkpoint.store import Checkpointer, check_signature, trunk_state
-from sslscale.checkpoint.trunk_file import TrunkFileError, build_from_shape, load_state, load_trunk_file
+from sslscale.checkpoint.trunk_file import (
+    TrunkFileError,
+    build_from_shape,
+    check_finite,
+    load_state,
+    load_trunk_file,
+)
 from sslscale.config import Config, ConfigError
 from sslscale.dist.process_group import DistEnv, destroy_process_group, init_process_group, read_env
 from sslscale.eval.cache import TRUNK, tensor_digest
@@ -59,6 +65,7 @@ def run_subjects(cfg: Config) -> list[Subject]:
     trunk_tensors = trunk_state(model_state)
     if not trunk_tensors:
         raise TrunkFileError(f"checkpoint {name} of {cfg.run_dir} has no trunk (no encoder.* entries)")
+    check_finite(trunk_tensors, f"checkpoint {name} of {cfg.run_dir}")
     shape = {k: getattr(cfg.model, k) for k in ("backbone", "width", "dim", "small_image_stem")}
 
     def build(weights: dict | None) -> torch.nn.Module:
