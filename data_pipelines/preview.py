@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from data_pipelines.batch import Batch
-from data_pipelines.sources import ArraySource
+from data_pipelines.sources import ImageSource
 
 PAD = 4  # pixels between cells
 HEADER = 16  # pixels of the column labels
@@ -66,7 +66,23 @@ def crop_grid(batch: Batch, mean, std, max_images: int = 8, sources: list[torch.
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
 
 
-def sample_photos(count: int) -> ArraySource:
+class SamplePhotos(ImageSource):
+    """`count` images that alternate between scikit-learn's two photos, loaded on demand: two photos in memory
+    whatever the count."""
+
+    def __init__(self, photos: list[np.ndarray], names: list[str], count: int):
+        self.photos = [torch.from_numpy(np.array(p, copy=True)).permute(2, 0, 1) for p in photos]
+        self.labels = torch.arange(count, dtype=torch.int64) % len(photos)
+        self.classes = names
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.photos[int(self.labels[index])]
+
+    def _index_bytes(self) -> bytes:
+        return b"".join(p.numpy().tobytes() for p in self.photos)
+
+
+def sample_photos(count: int) -> ImageSource:
     """`count` images from the two colour photos that ship with scikit-learn, for previewing any recipe
     without its data set."""
     try:
@@ -74,9 +90,8 @@ def sample_photos(count: int) -> ArraySource:
     except ImportError:
         raise FileNotFoundError("the sample photos come with scikit-learn: pip install scikit-learn") from None
     photos = load_sample_images()
-    images = np.stack([photos.images[i % 2] for i in range(count)])
     names = [os.path.splitext(os.path.basename(f))[0] for f in photos.filenames]
-    return ArraySource(images, np.array([i % 2 for i in range(count)]), names)
+    return SamplePhotos(list(photos.images[:2]), names, count)
 
 
 def save_png(grid: torch.Tensor, path: str) -> None:

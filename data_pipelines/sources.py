@@ -119,13 +119,24 @@ class FileSource(ImageSource):
         self.classes = classes
         self.max_pixels = max_pixels
         self.skipped = list(skipped)  # entries of the folder that could not be read when it was indexed
+        self._stat_digest = None  # the files' stats, read once per source (sources are built per evaluation)
 
     def path(self, index: int) -> str:
         return self.paths[index]
 
     def _index_bytes(self) -> bytes:
-        # Class folder and file name, not the root: the same data set mounted elsewhere is the same index.
-        return "\n".join(os.path.join(*p.split(os.sep)[-2:]) for p in self.paths).encode()
+        # What the files are, not only their names: the resolved path, size and modification time of each,
+        # so images replaced under the same names, or another folder with the same names, are another index.
+        if self._stat_digest is None:
+            digest = hashlib.sha256()
+            for path in self.paths:
+                try:
+                    st = os.stat(path)
+                    digest.update(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                except OSError:
+                    digest.update(f"{os.path.realpath(path)}|missing\n".encode())
+            self._stat_digest = digest.digest()
+        return self._stat_digest
 
     def load(self, index: int) -> torch.Tensor:
         path = self.paths[index]

@@ -14,6 +14,8 @@ With --container IMAGE (slurm.container) every task runs inside that image, thro
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import os
 import shlex
@@ -90,12 +92,36 @@ def submitit_folder(run_dir: str) -> str:
     return os.path.join(run_dir, "submitit")
 
 
-def prepare_run_folder(cfg: Config, force_new: bool, dry_run: bool, world_size: int) -> str:
-    """Checks the run folder and saves the resolved config in it; returns the config's path."""
+class SubmissionRefused(Exception):
+    """sbatch ran and refused the job (an account, QOS or constraint it does not accept)."""
+
+
+class Undo:
+    """What submitting changed on disk, put back when SLURM refuses the job: the replaced run renamed back, a
+    run folder this submission created removed, an overwritten config.yaml restored."""
+
+    def __init__(self):
+        self.steps = []
+        self.said_once_queued = []  # what to tell the user once SLURM has accepted the job
+
+    def add(self, step) -> None:
+        self.steps.append(step)
+
+    def __call__(self) -> None:
+        for step in reversed(self.steps):
+            step()
+        self.steps = []
+
+
+def prepare_run_folder(cfg: Config, force_new: bool, dry_run: bool, world_size: int, undo: Undo | None = None) -> str:
+    """Checks the run folder and saves the resolved config in it; returns the config's path. What it changes is
+    recorded in `undo`, so a submission SLURM refuses leaves the run folder as it was."""
     from sslscale.checkpoint.run_folder import check_run_folder
     from sslscale.train.preflight import preflight
+    undo = undo if undo is not None else Undo()
     run_dir = cfg.run_dir
     saved_path = os.path.join(run_dir, "config.yaml")
+    existed = os.path.exists(run_dir)
     if os.path.exists(saved_path):
         job_file = os.path.join(submitit_folder(run_dir), PRETRAIN_JOB_FILE)
         if os.path.exists(job_file) and cfg.slurm.cluster == "slurm":
@@ -108,7 +134,18 @@ def prepare_run_folder(cfg: Config, force_new: bool, dry_run: bool, world_size: 
             moved = f"{run_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             if not dry_run:
                 os.rename(run_dir, moved)
-            print(f"--force-new: {run_dir} moved to {moved}; starting over")
+                existed = False
+
+                def put_back(moved=moved):
+                    if os.path.exists(run_dir):
+                        shutil.rmtree(run_dir)
+                    os.rename(moved, run_dir)
+                undo.add(put_back)
+            said = f"--force-new: {run_dir} moved to {moved}; starting over"
+            if dry_run:
+                print(said)
+            else:
+                undo.said_once_queued.append(said)
         else:
             try:  # the trainer's own resume checks (shapes, batch size, seed), before anything is queued
                 check_run_folder(cfg)
@@ -117,9 +154,27 @@ def prepare_run_folder(cfg: Config, force_new: bool, dry_run: bool, world_size: 
             print(f"{run_dir} exists: the job resumes it from its newest checkpoint")
     if dry_run:
         return saved_path
+    if not existed:
+        undo.add(lambda: shutil.rmtree(run_dir, ignore_errors=True))
+    elif os.path.exists(saved_path):
+        with open(saved_path, "rb") as f:
+            before = f.read()
+
+        def restore_config():
+            with open(saved_path, "wb") as f:
+                f.write(before)
+        undo.add(restore_config)
     preflight(cfg, world_size)  # data folders exist, run folder writable: before anything is queued
     dump_config(cfg, saved_path)
     return saved_path
+
+
+def sbatch_reason(error: Exception) -> str:
+    """sbatch's own words from a refused submission, on one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    failed = [line for line in lines if "submission failed" in line.lower()]
+    text = (failed or lines or [type(error).__name__])[-1]
+    return text.removeprefix("sbatch: error: ")
 
 
 class ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
@@ -256,8 +311,16 @@ def submit_pretraining(args) -> int:
         if cfg.data.batch_size % (s.nodes * s.tasks):
             raise ConfigError([f"data.batch_size: the global batch {cfg.data.batch_size} does not split over "
                                f"{s.nodes} nodes x {s.tasks} tasks"])
-    config_paths = [prepare_run_folder(cfg, args.force_new, args.dry_run, s.nodes * s.tasks) for cfg in configs]
+    undo = Undo()
     folder = submitit_folder(configs[0].run_dir if len(configs) == 1 else f"{configs[0].run_dir}-sweep")
+    if len(configs) > 1 and not os.path.exists(os.path.dirname(folder)):
+        undo.add(lambda: shutil.rmtree(os.path.dirname(folder), ignore_errors=True))
+    try:
+        config_paths = [prepare_run_folder(cfg, args.force_new, args.dry_run, s.nodes * s.tasks, undo)
+                        for cfg in configs]
+    except BaseException:
+        undo()  # a later point of a sweep refused: the earlier ones are put back too
+        raise
     shape = dict(name=base.run.name, gpus=s.gpus_per_node, tasks=s.tasks, nodes=s.nodes, time_min=s.time_min)
     if args.dry_run:
         print(job_script(configs[0], folder, **shape))
@@ -265,13 +328,24 @@ def submit_pretraining(args) -> int:
             print(task_command(PretrainJob(path, s.max_crash_retries), cfg, s.tasks * s.nodes, s.gpus_per_node))
             print(f"# {cfg.run_dir}/config.yaml\n{config_text(cfg)}")
         return 0
-    executor = make_executor(configs[0], folder, **shape)
-    job_objects = [PretrainJob(path, s.max_crash_retries) for path in config_paths]
-    if len(job_objects) == 1:
-        jobs = [executor.submit(job_objects[0])]
-    else:
-        with executor.batch():
-            jobs = [executor.submit(job) for job in job_objects]
+    try:
+        executor = make_executor(configs[0], folder, **shape)
+        job_objects = [PretrainJob(path, s.max_crash_retries) for path in config_paths]
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's refusal; it is quoted below
+            if len(job_objects) == 1:
+                jobs = [executor.submit(job_objects[0])]
+            else:
+                with executor.batch():
+                    jobs = [executor.submit(job) for job in job_objects]
+    except submitit.core.utils.FailedJobError as refused:  # sbatch ran and refused the job
+        undo()
+        raise SubmissionRefused(f"sbatch refused the job ({sbatch_reason(refused)}); nothing was queued and the run "
+                                f"folder is as it was") from None
+    except BaseException:
+        undo()
+        raise
+    for said in undo.said_once_queued:
+        print(said)
     for job, cfg in zip(jobs, configs):
         os.makedirs(submitit_folder(cfg.run_dir), exist_ok=True)
         with open(os.path.join(submitit_folder(cfg.run_dir), PRETRAIN_JOB_FILE), "w") as f:
@@ -294,7 +368,12 @@ def submit_probe(cfg: Config, overrides: list[str], depends_on: str | None = Non
         print(f"# {cfg.run_dir}/config.yaml (eval section used)\n{config_text(cfg)}")
         return None
     executor = make_executor(cfg, submitit_folder(cfg.run_dir), **shape)
-    job = executor.submit(EvalJob(cfg.run_dir, overrides))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            job = executor.submit(EvalJob(cfg.run_dir, overrides))
+    except submitit.core.utils.FailedJobError as refused:
+        raise SubmissionRefused(f"sbatch refused the evaluation job ({sbatch_reason(refused)}); nothing was "
+                                f"queued") from None
     after = f", after job {depends_on} succeeds" if dependency else ""
     report([job], [cfg.run_dir], f"evaluation{after}")
     print(f"  {s.eval_task_count} task(s) extract features into {cfg.run_dir}/eval/features; task 0 then probes")
@@ -329,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.config:
             raise ConfigError(["give a CONFIG to pretrain, or --eval RUN_DIR"])
         return submit_pretraining(args)
-    except (ConfigError, FileExistsError) as error:
+    except (ConfigError, FileExistsError, SubmissionRefused) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except DiskError as error:  # the run folder is full or read-only (the trainer's preflight found it)

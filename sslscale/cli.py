@@ -131,8 +131,9 @@ def _knn(args) -> int:
 def _export(args) -> int:
     from sslscale.checkpoint.run_folder import load_run_config
     from sslscale.checkpoint.store import Checkpointer, trunk_state
-    from sslscale.checkpoint.trunk_file import TrunkFileError, save_trunk_file
+    from sslscale.checkpoint.trunk_file import TrunkFileError, check_output_path, save_trunk_file
     from sslscale.config import ConfigError
+    check_output_path(args.output)  # before the checkpoint is read: a bad destination costs nothing
     cfg = load_run_config(args.run_dir)
     restored = Checkpointer(cfg.run_dir, cfg.checkpoint.keep).load_latest(model_only=True)
     if restored is None:
@@ -160,6 +161,10 @@ def _verify(args) -> int:
 def _prepare_data(args) -> int:
     from data_pipelines.config import DataConfig
     from data_pipelines.sources import build_source, export_image_folder
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit {args.limit}: must be >= 1 (images per split)")
+    if os.path.exists(args.dest) and not os.path.isdir(args.dest):
+        raise UsageError(f"{args.dest} is a file; give a folder to create (it will hold train/ and val/)")
     data_cfg = DataConfig(source=args.source, path=args.source_path)
     for split in ("train", "val"):
         count = export_image_folder(build_source(data_cfg, split), os.path.join(args.dest, split), args.limit)
@@ -185,6 +190,14 @@ def _imagenet_val(args) -> int:
     return 0 if not counts["missing"] else EXIT_USER_ERROR
 
 
+MAX_PREVIEW_IMAGES = 256  # rows of one preview grid
+MAX_PREVIEW_PHOTO_STEP = 10_000  # the sample-photo source holds images * (step + 1) labels
+
+
+class UsageError(Exception):
+    """A command-line value that cannot work: one line, exit status 2."""
+
+
 def _preview(args) -> int:
     from data_pipelines.loaders import multicrop_batches
     from data_pipelines.preview import crop_grid, sample_photos, save_png
@@ -192,6 +205,12 @@ def _preview(args) -> int:
     from sslscale.config import ConfigError, load_config
     if args.images < 1:
         raise ConfigError([f"--images: {args.images}; must be >= 1"])
+    if args.images > MAX_PREVIEW_IMAGES:
+        raise UsageError(f"--images {args.images}: at most {MAX_PREVIEW_IMAGES} rows fit in one grid")
+    if args.step < 0:
+        raise UsageError(f"--step {args.step}: must be >= 0 (a step of the sample stream)")
+    if args.sample_photos and args.step > MAX_PREVIEW_PHOTO_STEP:
+        raise UsageError(f"--step {args.step}: at most {MAX_PREVIEW_PHOTO_STEP} with --sample-photos")
     cfg = load_config(args.config, args.overrides)
     if args.sample_photos:
         # Any recipe, without its data or a GPU: the same crops on two bundled photos, on the CPU.
@@ -329,6 +348,7 @@ def read_env_or_main() -> bool:
 def main(argv: list[str] | None = None) -> int:
     from data_pipelines.sources import ClassMismatch
     from sslscale.checkpoint.disk import EXIT_DISK_ERROR, DiskError
+    from sslscale.checkpoint.lock import FolderInUse
     from sslscale.checkpoint.trunk_file import TrunkFileError
     from sslscale.config import ConfigError
     from sslscale.train.loop import TooManyNonFiniteLosses
@@ -346,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, CheckpointMismatch, NoUsableCheckpoint, DistributedSetupError, FileNotFoundError,
-            FileExistsError, TrunkFileError, ClassMismatch) as error:
+            FileExistsError, TrunkFileError, ClassMismatch, FolderInUse, UsageError) as error:
         if is_main:
             print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -72,3 +72,57 @@ def test_submit_without_slurm_tools_touches_nothing(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "sbatch" in err and "not found on PATH" in err and "Traceback" not in err
     assert (run_dir / "config.yaml").read_text() == "kept: true\n"  # not moved away by --force-new
+
+
+def one_line(capsys, argv, *words):
+    err = refused(capsys, argv, *words)
+    assert err.strip().count("\n") == 0, err
+    return err
+
+
+def test_an_evaluation_folder_in_use_is_one_line_that_does_not_blame_the_config(tmp_path, capsys):
+    import shutil
+
+    from sslscale.checkpoint.lock import FolderLock
+    shutil.copytree(os.path.join(REPO, "tests", "fixtures", "checkpoints_1992474", "ddp"), tmp_path / "ddp")
+    run_dir = str(tmp_path / "ddp" / "tiny")
+    with FolderLock(os.path.join(run_dir, "eval"), "evaluation"):
+        err = one_line(capsys, ["linear-eval", run_dir], "in use by another process (evaluation")
+    assert "invalid config" not in err and "run.name" not in err
+
+
+def test_a_pretraining_refused_for_a_step_that_cannot_fit_leaves_no_run_folder(tiny_config):
+    from sslscale.cost.step_memory import StepDoesNotFit
+    from sslscale.train.loop import pretrain
+    cfg = tiny_config("data.crops=[{size: 4000, count: 2}]")
+    with pytest.raises(StepDoesNotFit):
+        pretrain(cfg)
+    assert not os.path.exists(cfg.run_dir)
+
+
+@pytest.mark.slow  # two short trainings: about 15 s on 2 cores
+def test_the_batch_size_guard_holds_without_config_yaml(tiny_config):
+    from sslscale.checkpoint.store import CheckpointMismatch
+    from sslscale.train.loop import pretrain
+    cfg = tiny_config("train.max_steps=2", "eval.after_pretrain=false")
+    pretrain(cfg)
+    os.remove(os.path.join(cfg.run_dir, "config.yaml"))
+    with pytest.raises(CheckpointMismatch, match=r"data.batch_size: 32 -> 16 cannot change when resuming"):
+        pretrain(tiny_config("train.max_steps=4", "eval.after_pretrain=false", "data.batch_size=16"))
+
+
+def test_prepare_data_onto_a_file_or_with_a_negative_limit_is_refused(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    one_line(capsys, ["prepare-data", "digits", str(a_file)], "is a file")
+    one_line(capsys, ["prepare-data", "digits", str(tmp_path / "d"), "--limit", "-5"], "--limit -5: must be >= 1")
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_preview_with_a_negative_step_or_a_huge_grid_is_refused_at_once(tmp_path, capsys):
+    out = str(tmp_path / "crops.png")
+    one_line(capsys, ["preview", QUICKSTART, out, "--sample-photos", "--step", "-3"], "--step -3: must be >= 0")
+    started = time.monotonic()
+    one_line(capsys, ["preview", QUICKSTART, out, "--sample-photos", "--images", "100000000"], "at most 256")
+    assert time.monotonic() - started < 5
+    assert not os.listdir(tmp_path)

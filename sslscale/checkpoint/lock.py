@@ -10,13 +10,11 @@ import os
 import socket
 import time
 
-from sslscale.config import ConfigError
-
 LOCK_FILE = ".lock"
 
 
-class FolderInUse(ConfigError):
-    pass
+class FolderInUse(Exception):
+    """Another live process holds the folder: a refusal in one line (the config is not at fault)."""
 
 
 class FolderLock:
@@ -37,8 +35,10 @@ class FolderLock:
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip()
             os.close(fd)
-            raise FolderInUse([f"{self.folder} is in use by another process ({describe_holder(holder)}); wait for "
-                               f"it to end, or stop it, or choose another run.name"]) from None
+            other = ("or choose another run.name" if self.what == "pretraining"
+                     else "or give this evaluation another output folder")
+            raise FolderInUse(f"{self.folder} is in use by another process ({describe_holder(holder)}); wait for "
+                              f"it to end, or stop it, {other}") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "what": self.what,
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}).encode())

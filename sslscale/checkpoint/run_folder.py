@@ -16,7 +16,7 @@ import yaml
 
 from sslscale.checkpoint import disk
 from sslscale.checkpoint.atomic import write_text_atomic
-from sslscale.checkpoint.store import check_signature
+from sslscale.checkpoint.store import CheckpointMismatch, check_signature
 from sslscale.config import Config, ConfigError, load_config
 
 CONFIG_FILE = "config.yaml"
@@ -30,6 +30,22 @@ FIXED_ON_RESUME = {
                        "steps of this global batch",
     "run.seed": "the data order and the augmentations of the rest of the run come from the seed",
 }
+
+
+def fixed_on_resume(cfg: Config) -> dict:
+    """The FIXED_ON_RESUME settings of a config, as every checkpoint records them (config.yaml may be lost)."""
+    return {"data.batch_size": cfg.data.batch_size, "run.seed": cfg.run.seed}
+
+
+def check_fixed_on_resume(saved: dict | None, cfg_fixed: dict, where: str) -> None:
+    """The guard of FIXED_ON_RESUME against what a checkpoint recorded (None: written before it recorded them)."""
+    if not isinstance(saved, dict):
+        return
+    problems = [f"{key}: {saved[key]!r} -> {new!r} cannot change when resuming ({FIXED_ON_RESUME[key]})"
+                for key, new in cfg_fixed.items() if key in saved and saved[key] != new]
+    if problems:
+        raise CheckpointMismatch(f"{where}: {'; '.join(problems)}; keep the checkpoint's value, or start a new run "
+                                 "(another run.name, or launch/submit.py --force-new)")
 
 
 def load_run_config(run_dir: str, overrides: list[str] = ()) -> Config:

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # DCP's load e
 
 from sslscale.checkpoint import dcp_io
 from sslscale.checkpoint.integrity import CheckpointUnusable, describe_error
+from sslscale.checkpoint.run_folder import check_fixed_on_resume
 from sslscale.checkpoint.store import Checkpointer, CheckpointMismatch, check_signature, no_usable_checkpoint
 from sslscale.dist.process_group import DistEnv
 from sslscale.optim.optimizers import match_state_layout
@@ -52,7 +53,8 @@ class TrainingState:
 
     def __init__(self, core: torch.nn.Module, optimizer: torch.optim.Optimizer, parts: dict, *,
                  checkpointer: Checkpointer, env: DistEnv, shape_signature: dict, sharded: bool,
-                 background: bool = False, stream=None):
+                 background: bool = False, stream=None, fixed: dict | None = None):
+        self.fixed = fixed or {}  # FIXED_ON_RESUME settings, recorded in every checkpoint and checked on restore
         self.core, self.optimizer, self.parts = core, optimizer, parts
         self.checkpointer, self.env, self.shape_signature = checkpointer, env, shape_signature
         self.sharded, self.background, self.stream = sharded, background, stream
@@ -131,9 +133,11 @@ class TrainingState:
         if not (ckpt.is_sharded(name) and self.sharded):
             full = ckpt.load_full(name, verify=False)  # rank 0 has checked the checksums (restore)
             check_signature(full["shape_signature"], self.shape_signature, f"checkpoint {name}")
+            check_fixed_on_resume(full.get("fixed_on_resume"), self.fixed, f"checkpoint {name}")
             return full["model"], full["optimizer"], full, True
         small = ckpt.load_small_parts(name)
         check_signature(small["shape_signature"], self.shape_signature, f"checkpoint {name}")
+        check_fixed_on_resume(small.get("fixed_on_resume"), self.fixed, f"checkpoint {name}")
         model_state, optim_state = get_state_dict(self.core, self.optimizer)
         try:
             saved = dcp_io.saved_keys(ckpt.path(name))
@@ -180,7 +184,7 @@ class TrainingState:
         from torch.distributed.checkpoint.state_dict import get_state_dict
         model_state, optim_state = get_state_dict(self.core, self.optimizer)
         small = {key: part.state_dict() for key, part in self.parts.items()}
-        small.update(rng=self.rng_of_every_rank(), shape_signature=self.shape_signature)
+        small.update(rng=self.rng_of_every_rank(), shape_signature=self.shape_signature, fixed_on_resume=self.fixed)
         if self.sharded:
             self.checkpointer.save_sharded(step, {"model": model_state, "optimizer": optim_state}, small,
                                            is_main=self.env.is_main, async_group=self.async_group)

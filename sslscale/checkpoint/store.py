@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +44,7 @@ from sslscale.checkpoint.integrity import (
     file_records,
     find_problem,
     marker_text,
+    weights_only_refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,23 @@ class Checkpointer:
         if problem is not None:
             raise CheckpointUnusable(name, problem)
 
+    def check_loadable(self, name: str) -> None:
+        """What the loader refuses beyond the checksums, without reading the tensors: a single file is opened
+        memory-mapped and its parts checked; a sharded one's small parts are loaded and its metadata read.
+        Raises CheckpointUnusable."""
+        if not self.is_sharded(name):
+            state = _load_file(name, os.path.join(self.dir, name, STATE_FILE), mmap=True)
+            check_parts(state, ("model", "optimizer", *SMALL_PARTS), name)
+            return
+        self.load_small_parts(name)
+        try:
+            keys = dcp_io.saved_keys(self.path(name))
+        except (Exception, CheckpointException) as error:  # noqa: BLE001  any unreadable metadata
+            raise CheckpointUnusable(name, f"its DCP metadata cannot be read ({describe_error(error)})") from None
+        missing = [part for part in ("model", "optimizer") if not any(k.startswith(part + ".") for k in keys)]
+        if missing:
+            raise CheckpointUnusable(name, f"it lacks {', '.join(missing)}")
+
     def set_aside_names(self) -> list[str]:
         """Checkpoints an earlier resume found unusable and renamed out of the way."""
         if not os.path.isdir(self.dir):
@@ -313,17 +330,16 @@ def _save_and_hash(obj, path: str) -> dict:
     return file_records(os.path.dirname(path))
 
 
-def _load_file(name: str, path: str):
+def _load_file(name: str, path: str, mmap: bool = False):
     """weights_only: tensors and plain data only; a pickle that names anything else is refused, unrun."""
     try:
         with torch.serialization.safe_globals(_NUMPY_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001  any load error: this checkpoint cannot be used
-        refused = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)|but got (<[^>]+>)", str(error))
+        refused = weights_only_refusal(error)
         if refused:  # torch's weights_only refusal is a page of advice; the name it refused is the news
             raise CheckpointUnusable(name, f"{os.path.basename(path)} cannot be loaded: it names "
-                                     f"{refused.group(1) or refused.group(2)}, which no checkpoint holds; refused "
-                                     "unrun (it could run code)") from None
+                                     f"{refused}, which no checkpoint holds; refused unrun (it could run code)") from None
         raise CheckpointUnusable(name, f"{os.path.basename(path)} cannot be loaded ({describe_error(error)})") \
             from None
 

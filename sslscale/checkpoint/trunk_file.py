@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 import torch
 
+from sslscale.checkpoint.integrity import weights_only_refusal
 from sslscale.models.backbones import ResNetTrunk
 
 METADATA_KEY = "sslscale"  # in state_dict._metadata, beside the per-module version entries
@@ -69,7 +70,17 @@ def load_state(trunk: ResNetTrunk, state: dict, where: str) -> None:
                  for label, items in (("missing", missing), ("unexpected", unexpected), ("shape differs", wrong))
                  if items]
         raise TrunkFileError(f"{where} does not fit a {describe(trunk)}: " + "; ".join(parts))
+    check_finite(state, where)
     trunk.load_state_dict(state)
+
+
+def check_finite(state: dict, where: str) -> None:
+    """Weights with NaN or Inf give NaN features and meaningless probes: refused by name, in one line."""
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TrunkFileError(f"{where} holds NaN or Inf weights in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                             f"{' ...' if len(bad) > 3 else ''}); the run diverged or the file is damaged")
 
 
 def describe(trunk: ResNetTrunk) -> str:
@@ -80,9 +91,26 @@ def save_trunk_file(trunk_state: dict, path: str, shape: dict, provenance: dict 
     """The published layout, plus the shape (and provenance) as state-dict metadata. Atomic."""
     state = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in trunk_state.items())
     state._metadata = OrderedDict({METADATA_KEY: {**shape, **(provenance or {})}})
+    check_output_path(path)
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):  # a whole trunk's size: never left behind
+            os.remove(tmp)
+        raise
+
+
+def check_output_path(path: str) -> None:
+    """Where a trunk file can be written, checked before anything is loaded or written."""
+    if os.path.isdir(path):
+        raise TrunkFileError(f"{path} is a directory; give the trunk file's path, e.g. {os.path.join(path, 'trunk.pt')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise TrunkFileError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise TrunkFileError(f"cannot write {path}: folder {parent} is not writable")
 
 
 def read_trunk_file(path: str) -> tuple[dict, dict]:
@@ -92,8 +120,14 @@ def read_trunk_file(path: str) -> tuple[dict, dict]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  any unreadable file gets the same one-line answer
-        raise TrunkFileError(f"{path} is not a readable torch file ({type(error).__name__}: "
-                             f"{str(error).splitlines()[0][:200]})") from None
+        refused = weights_only_refusal(error)
+        if refused:
+            raise TrunkFileError(f"{path} cannot be loaded: it names {refused}, which no trunk file holds; refused "
+                                 "unrun (it could run code)") from None
+        first = str(error).splitlines()[0][:200] if str(error).strip() else ""
+        if "weights_only" in str(error) or "Weights only load failed" in first:  # never torch's advice to retry
+            first = "weights-only unpickling refused its contents"
+        raise TrunkFileError(f"{path} is not a readable torch file ({type(error).__name__}: {first})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # a Lightning-style wrapper around the published layout
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

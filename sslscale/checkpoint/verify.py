@@ -1,14 +1,13 @@
-"""`sslscale verify RUN_DIR`: every checkpoint of a run checked against the checksums in its marker,
-without building a model or loading a tensor; one line per checkpoint, newest first.
+"""`sslscale verify RUN_DIR`: every checkpoint of a run checked against the checksums in its marker (by the
+rule the loader uses, `integrity.find_problem`), then as the loader would open it (parts present, nothing
+refused), without building a model or reading a tensor; one line per checkpoint, newest first.
 
 Exit status: 0 if the newest checkpoint is good (a resume would use it), 1 if it is not or there is
 none. Older bad ones are named but do not fail the command: a resume never reaches them.
 """
 from __future__ import annotations
 
-import os
-
-from sslscale.checkpoint.integrity import find_problem, has_checksums
+from sslscale.checkpoint.integrity import CheckpointUnusable, find_problem, has_checksums, read_marker
 from sslscale.checkpoint.store import Checkpointer
 
 
@@ -22,11 +21,15 @@ def verify_run(run_dir: str, stream) -> int:
     for i, name in enumerate(names):
         folder = checkpointer.path(name)
         problem = find_problem(folder)
+        if problem is None:
+            try:  # what the loader would refuse although every checksum matches
+                checkpointer.check_loadable(name)
+            except CheckpointUnusable as error:
+                problem = error.problem
         if problem is not None:
             line = f"BAD  {problem}"
         elif has_checksums(folder):
-            files = [f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))]
-            line = f"ok   {len(files) - 1} file(s) match their sha256"
+            line = f"ok   {len(read_marker(folder)['files'])} file(s) match their sha256"
         else:
             line = "ok?  files present; written before checksums were recorded, so not checked"
         print(f"{name}  {line}", file=stream)

@@ -1,7 +1,8 @@
 """The feature cache: frozen features of one trunk on the train and val splits, in fp16 blocks on disk.
 
     <eval>/features/<trunk>/fingerprint.json        what the features are of (see `fingerprint`)
-    <eval>/features/<trunk>/<split>/block_00003.json     marker, written last: rows, layers, checksums
+    <eval>/features/<trunk>/<split>/block_00003.json     marker, written last: the cache's fingerprint, rows,
+                                                         layers, checksums
     <eval>/features/<trunk>/<split>/block_00003.labels.npy    int64 [rows]
     <eval>/features/<trunk>/<split>/block_00003.<layer>.npy   fp16 [rows, dim] for "trunk" and each probed layer
 
@@ -10,9 +11,10 @@ number of ranks: ranks share out the blocks still missing, so a requeued job (on
 extracts only what is not finished. A block exists only once its marker does (files are written under
 a temporary name and renamed first). Readers memory-map the blocks: host memory stays at a chunk.
 
-A cache whose fingerprint differs from the requested one (another checkpoint, transform or data
-index) is deleted and rebuilt; a block whose files are missing, truncated or fail their checksum is
-extracted again. Both are said on the console.
+A cache whose fingerprint differs from the requested one (another checkpoint, transform, data root, or
+data: which image files, their size and modification time) is deleted and rebuilt; a block whose marker
+names another cache's fingerprint (copied in from elsewhere), or whose files are missing, truncated or
+fail their checksum, is extracted again. Both are said on the console.
 """
 from __future__ import annotations
 
@@ -87,6 +89,15 @@ def _crc(array: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
+def cache_fingerprint(split_dir: str) -> str | None:
+    """The fingerprint of the cache a split folder belongs to (None: unreadable)."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(split_dir)), FINGERPRINT_FILE)) as f:
+            return json.load(f)["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def read_marker(split_dir: str, block: int) -> dict | None:
     try:
         with open(block_stem(split_dir, block) + ".json") as f:
@@ -101,6 +112,8 @@ def block_problem(split_dir: str, block: int, rows: tuple[int, int], layers: lis
     marker = read_marker(split_dir, block)
     if marker is None:
         return "missing"
+    if not isinstance(marker, dict) or marker.get("fingerprint") != cache_fingerprint(split_dir):
+        return "was made for another cache (its fingerprint differs)"  # copied in, or left by an older version
     if (marker.get("start"), marker.get("stop")) != rows:
         return f"holds rows {marker.get('start')}-{marker.get('stop')}, not {rows[0]}-{rows[1]}"
     absent = [name for name in layers if name not in marker.get("layers", {})]
@@ -126,6 +139,7 @@ class BlockWriter:
         self.split_dir, self.block, self.rows = split_dir, block, rows
         self.stem = block_stem(split_dir, block)
         self.tmp = f".tmp{os.getpid()}"
+        self.fingerprint = cache_fingerprint(split_dir)  # the block is bound to its cache
         n = rows[1] - rows[0]
         self.arrays = {name: np.lib.format.open_memmap(f"{self.stem}.{name}.npy{self.tmp}", mode="w+",
                                                        dtype=FEATURE_DTYPE, shape=(n, dim))
@@ -148,7 +162,7 @@ class BlockWriter:
         return self.filled == len(self.labels)
 
     def commit(self) -> None:
-        marker = {"start": self.rows[0], "stop": self.rows[1], "layers": {}}
+        marker = {"fingerprint": self.fingerprint, "start": self.rows[0], "stop": self.rows[1], "layers": {}}
         with open(f"{self.stem}.labels.npy{self.tmp}", "wb") as f:  # a file object: np.save adds no suffix
             np.save(f, self.labels, allow_pickle=False)
         os.replace(f"{self.stem}.labels.npy{self.tmp}", f"{self.stem}.labels.npy")

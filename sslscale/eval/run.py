@@ -17,7 +17,13 @@ import torch
 from data_pipelines.sources import build_source, random_subset
 from sslscale.checkpoint.lock import FolderLock
 from sslscale.checkpoint.store import Checkpointer, check_signature, trunk_state
-from sslscale.checkpoint.trunk_file import TrunkFileError, build_from_shape, load_state, load_trunk_file
+from sslscale.checkpoint.trunk_file import (
+    TrunkFileError,
+    build_from_shape,
+    check_finite,
+    load_state,
+    load_trunk_file,
+)
 from sslscale.config import Config, ConfigError
 from sslscale.dist.process_group import DistEnv, destroy_process_group, init_process_group, read_env
 from sslscale.eval.cache import TRUNK, tensor_digest
@@ -29,7 +35,7 @@ from sslscale.objectives.ssl_model import build_model
 from sslscale.train.device import memory_format, resolve_device
 from sslscale.train.stop_signals import StoppedForRequeue, StopSignals
 
-CACHE_FORMAT = 1  # bump when what a cached block holds changes meaning
+CACHE_FORMAT = 2  # bump when what a cached block holds changes meaning
 
 
 @dataclass
@@ -59,6 +65,7 @@ def run_subjects(cfg: Config) -> list[Subject]:
     trunk_tensors = trunk_state(model_state)
     if not trunk_tensors:
         raise TrunkFileError(f"checkpoint {name} of {cfg.run_dir} has no trunk (no encoder.* entries)")
+    check_finite(trunk_tensors, f"checkpoint {name} of {cfg.run_dir}")
     shape = {k: getattr(cfg.model, k) for k in ("backbone", "width", "dim", "small_image_stem")}
 
     def build(weights: dict | None) -> torch.nn.Module:
@@ -119,7 +126,8 @@ def cache_parts(subject: Subject, cfg: Config, sources: dict) -> dict:
                       "std": list(spec.std), "forward": "eval mode, fp32, stored as fp16",
                       "bn_recomputed_on_clean_train_images": BN_RECALIBRATION_IMAGES if cfg.eval.recompute_bn_stats
                       else 0},
-        "data": {"source": cfg.data.source, **{split: source.index_digest() for split, source in sources.items()}},
+        "data": {"source": cfg.data.source, "root": os.path.realpath(cfg.data.path) if cfg.data.path else None,
+                 **{split: source.index_digest() for split, source in sources.items()}},
     }
 
 

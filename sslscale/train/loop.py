@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -25,7 +26,7 @@ from data_pipelines.sources import build_source
 from sslscale.checkpoint import disk
 from sslscale.checkpoint.atomic import write_json_atomic
 from sslscale.checkpoint.lock import FolderLock
-from sslscale.checkpoint.run_folder import check_run_folder, save_config
+from sslscale.checkpoint.run_folder import check_run_folder, fixed_on_resume, save_config
 from sslscale.checkpoint.state import TrainingState
 from sslscale.checkpoint.store import Checkpointer
 from sslscale.config import Config, ConfigError
@@ -153,7 +154,8 @@ class Trainer:
         self.state = TrainingState(self.core, self.optimizer,
                                    {"scaler": self.scaler, "progress": self.progress, "monitor": self.monitor},
                                    checkpointer=self.checkpointer, env=self.env, shape_signature=cfg.shape_signature(),
-                                   sharded=self.sharded, background=cfg.checkpoint.async_save, stream=self.stream)
+                                   sharded=self.sharded, background=cfg.checkpoint.async_save, stream=self.stream,
+                                   fixed=fixed_on_resume(cfg))
 
     def banner(self) -> str:
         """Where this run is and what it runs on, before its first step (rank 0)."""
@@ -340,10 +342,17 @@ def pretrain(cfg: Config, stream=None) -> dict:
         # One live process per run folder: rank 0 holds its lock (the other ranks follow rank 0). The checks
         # come first, so a refused config leaves no folder behind.
         env = read_env()
+        created = env.is_main and not os.path.exists(cfg.run_dir)  # preflight makes it
         preflight(cfg, env.world_size)
         lock = FolderLock(cfg.run_dir, "pretraining") if env.is_main else contextlib.nullcontext()
         with lock:
-            return Trainer(cfg, stream).fit()
+            try:
+                trainer = Trainer(cfg, stream)
+            except ConfigError:  # refused before any step (a step that cannot fit, ...): leave no folder behind
+                if created:
+                    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+                raise
+            return trainer.fit()
     except OSError as error:
         # A full disk met anywhere else in the run folder (plan.json, TensorBoard, crops.png): the same one line.
         if error.errno not in disk.NO_SPACE:
