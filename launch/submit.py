@@ -204,6 +204,9 @@ def make_executor(cfg: Config, folder: str, *, name: str, gpus: int, tasks: int,
     kind = ScriptOnlySlurmExecutor if script_only else submitit.SlurmExecutor
     executor = kind(folder, max_num_timeout=s.max_num_timeout, python=container.python_command(cfg, gpus))
     additional = {"chdir": cfg.run_dir} if os.path.isdir(cfg.run_dir) else {}
+    # Requeue on node failure whatever the site default (JobRequeue): a lost node, the batch host included,
+    # costs a restart from the last checkpoint, not the job.
+    additional["requeue"] = True
     if dependency:
         additional["dependency"] = dependency
     params = dict(job_name=name, time=time_min, nodes=nodes, ntasks_per_node=tasks, cpus_per_task=s.cpus_per_task,

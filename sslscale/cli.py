@@ -17,7 +17,7 @@ import sys
 from sslscale.checkpoint.integrity import NoUsableCheckpoint
 from sslscale.checkpoint.store import CheckpointMismatch
 from sslscale.dist.peer_watch import RankFailure
-from sslscale.dist.process_group import DistributedSetupError
+from sslscale.dist.process_group import DistributedSetupError, HostUnreachable
 
 EXIT_USER_ERROR = 2
 
@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     is_main = read_env_or_main()
     try:
         return args.func(args)
+    except HostUnreachable as error:  # only the rank that cannot resolve the name knows it: each says it
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
     except (ConfigError, CheckpointMismatch, NoUsableCheckpoint, DistributedSetupError, FileNotFoundError,
             FileExistsError, TrunkFileError, ClassMismatch, FolderInUse, UsageError) as error:
         if is_main:

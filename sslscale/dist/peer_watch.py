@@ -7,7 +7,7 @@ import time
 
 import torch.distributed as dist
 
-from sslscale.dist.process_group import DistEnv
+from sslscale.dist.process_group import DistEnv, bounded
 
 
 class RankFailure(RuntimeError):
@@ -28,10 +28,12 @@ class PeerWatch:
     (a dead process) and at which ranks did not finish the current step (a hung one).
 
     The store outlives a dead rank under torchrun (the agent serves it); under srun rank 0 serves it,
-    so if rank 0 dies the store goes with it, and that is what the message then says."""
+    so if rank 0 dies the store goes with it, and that is what the message then says. Every store read and
+    write is bounded (`bound_s`): a store on a node that dropped off the network answers nothing, and an
+    unbounded read would leave this rank mute forever."""
 
-    def __init__(self, env: DistEnv, store: dist.Store, interval_s: float = 1.0):
-        self.env, self.interval_s = env, interval_s
+    def __init__(self, env: DistEnv, store: dist.Store, interval_s: float = 1.0, bound_s: float = 3.0):
+        self.env, self.interval_s, self.bound_s = env, interval_s, bound_s
         self.store = dist.PrefixStore("sslscale/peers", store)
         self.step = 0
         self._stop = threading.Event()
@@ -42,10 +44,11 @@ class PeerWatch:
     def _beat(self) -> None:
         while not self._stop.is_set():
             self._beats += 1
+            beat, step = str(self._beats), str(self.step)
             try:
-                self.store.set(f"beat/{self.env.rank}", str(self._beats))
-                self.store.set(f"step/{self.env.rank}", str(self.step))
-            except Exception:  # noqa: BLE001  the store is gone; the failing collective reports it
+                bounded(lambda: (self.store.set(f"beat/{self.env.rank}", beat),
+                                 self.store.set(f"step/{self.env.rank}", step)), self.bound_s, "the rendezvous store")
+            except Exception:  # noqa: BLE001  the store is gone or mute; the failing collective reports it
                 return
             self._stop.wait(self.interval_s)
 
@@ -54,19 +57,21 @@ class PeerWatch:
 
     def _read(self, kind: str) -> dict[int, int]:
         keys = [f"{kind}/{r}" for r in range(self.env.world_size)]
-        return {r: int(v) for r, v in enumerate(self.store.multi_get(keys))}
+        values = bounded(lambda: self.store.multi_get(keys), self.bound_s, "the rendezvous store")
+        return {r: int(v) for r, v in enumerate(values)}
 
     def diagnose(self) -> str:
-        """Which ranks stopped (dead) or lag behind this one (hung); blocks about 3 beat intervals."""
+        """Which ranks stopped (dead) or lag behind this one (hung); returns within 3 beat intervals plus 3
+        bounded reads, whatever became of the store."""
         others = [r for r in range(self.env.world_size) if r != self.env.rank]
         try:
-            self.store.set_timeout(datetime.timedelta(seconds=10 * self.interval_s))
             before = self._read("beat")
             time.sleep(3 * self.interval_s)
             after, steps = self._read("beat"), self._read("step")
-        except Exception:  # noqa: BLE001
-            return (f"the rendezvous store at {self.env.master_addr}:{self.env.master_port} is unreachable too, so "
-                    "the process serving it (rank 0, unless torchrun serves it) probably died")
+        except Exception as error:  # noqa: BLE001
+            return (f"the rendezvous store at {self.env.master_addr}:{self.env.master_port} is unreachable too "
+                    f"({type(error).__name__}: {str(error)[:120]}), so rank 0 (which serves it, unless torchrun "
+                    f"does) or its host {self.env.master_addr} is probably lost")
         dead = [r for r in others if after[r] == before[r]]
         if dead:
             return "; ".join(f"rank {r} stopped responding (dead?); it last reported step {steps[r]}" for r in dead)

@@ -37,7 +37,13 @@ from sslscale.cost.step_memory import StepDoesNotFit, check_fits, estimate_step_
 from sslscale.dist.collectives import AllGatherWithGrad
 from sslscale.dist.parallel import is_sharded, prepare_batchnorm, weight_layout, wrap_for_training
 from sslscale.dist.peer_watch import PeerWatch, RankFailure, is_collective_failure
-from sslscale.dist.process_group import destroy_process_group, init_process_group, read_env
+from sslscale.dist.process_group import (
+    describe_hosts,
+    destroy_process_group,
+    hosts_of_ranks,
+    init_process_group,
+    read_env,
+)
 from sslscale.objectives.ssl_model import build_model
 from sslscale.optim.optimizers import build_optimizer
 from sslscale.optim.schedule import build_schedule
@@ -111,6 +117,7 @@ class Trainer:
         self.layout = memory_format(cfg.train)
         store = init_process_group(self.env, self.device, cfg.dist.timeout_s)
         self.peers = PeerWatch(self.env, store) if store is not None else None
+        self.hosts = hosts_of_ranks(self.env)  # the banner names them: which node runs which ranks
         self.agree = RankAgreement(self.env, self.device)
         if self.env.is_main:
             save_config(cfg, changes, self.stream)
@@ -172,6 +179,7 @@ class Trainer:
             f"  on {device_name(self.device)}, {self.env.world_size} process(es) ({cfg.dist.strategy}), "
             f"{cfg.train.precision}; data {cfg.data.source} ({len(self.source):,} images) through "
             f"{cfg.data.backend} on {cfg.data.device} ({workers}); {parameters:,} parameters",
+            f"  {describe_hosts(self.hosts)}",
             f"  TensorBoard: tensorboard --logdir {os.path.join(cfg.run_dir, 'tb')}; console log: "
             f"{os.path.join(cfg.run_dir, 'console.log')}; checkpoints every {cfg.checkpoint.every_steps} steps in "
             f"{self.checkpointer.dir}"])
