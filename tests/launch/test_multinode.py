@@ -144,3 +144,94 @@ def test_a_node_that_drops_off_the_network_leaves_every_surviving_rank_with_the_
             script("kill-node", lost_host)
             result = script("restore", lost_host, timeout=120)
             assert result.returncode == 0, result.stdout + result.stderr
+
+
+def submit(*args) -> tuple[int, str, str]:
+    """launch/submit.py as a user runs it, against the multi-node cluster; one thread per process."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "launch", "submit.py"), *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**srun_env(), "OMP_NUM_THREADS": "1"})
+    return result.returncode, result.stdout, result.stderr
+
+
+def two_ranks_here(overrides: list[str]) -> list[subprocess.Popen]:
+    """The uninterrupted run to compare with: the same 2 ranks as plain processes on this host (gloo over
+    127.0.0.1); a 2-rank sum is the same sum on any two hosts, so the weights are bit for bit the job's."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [subprocess.Popen([*PRETRAIN, *overrides], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": "2",
+                                             "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            for r in range(2)]
+
+
+def read(path) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def wait_for_log(path, pattern: str, timeout_s: float) -> re.Match:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if match := re.search(pattern, read(path), re.MULTILINE):
+            return match
+        time.sleep(0.5)
+    raise AssertionError(f"{path}: no {pattern!r} within {timeout_s} s:\n{read(path)[-3000:]}")
+
+
+def wait_until_gone(job_id: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                               env=cluster_env())
+        if state.returncode != 0 or not state.stdout.strip():
+            return
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still queued after {timeout_s} s")
+
+
+def test_a_crashed_node_costs_one_checkpoint_interval_and_the_job_ends_with_the_uninterrupted_weights(
+        multinode, tmp_path):
+    """launch/submit.py --nodes 2, checkpoints every 10 steps. After the first checkpoint every process of
+    rank 1's node is killed (its slurmd too: the node is gone). Rank 0 names rank 1, the job is requeued,
+    resumes from step 10 on healthy nodes, and its final weights equal an uninterrupted 2-rank run's bit for
+    bit."""
+    from tests.launch.test_launch import assert_same_weights, job_ids
+    steps = 60
+    train = ["train.epochs=1000", f"train.max_steps={steps}", "train.log_every_steps=1", "checkpoint.every_steps=10",
+             "checkpoint.keep=10", "eval.after_pretrain=false", f"dist.timeout_s={TIMEOUT_S}"]
+    reference = two_ranks_here(tiny_overrides(tmp_path / "reference", *train))
+    status, out, err = submit(QUICKSTART, *tiny_overrides(tmp_path / "job", *train), "--nodes", "2",
+                              "--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "5",
+                              "slurm.max_num_timeout=3")
+    assert status == 0, out + err
+    (job_id,) = job_ids(out)
+    run_dir = tmp_path / "job" / "tiny"
+    log = run_dir / "submitit" / f"{job_id}_0_log.out"
+    killed = None
+    try:
+        hosts = wait_for_log(log, r"2 nodes: (node\d) rank 0, (node\d) rank 1", 180)
+        wait_for_log(log, r"^step 1[2-9]/", 120)
+        assert script("kill-node", hosts[2]).returncode == 0
+        killed = time.monotonic()
+        named = wait_for_log(log, r"rank 1 stopped responding \(dead\?\); it last reported step (\d+)", 60)
+        print(f"node {hosts[2]} (rank 1) killed: rank 0 named rank 1 after {time.monotonic() - killed:.1f} s")
+        resumed = wait_for_log(log, r"resumed .* from .*\(step (\d+)\)", 240)
+        assert int(resumed[1]) >= 10 and int(named[1]) - int(resumed[1]) <= 10  # at most one interval lost
+        print(f"resumed from step {resumed[1]} {time.monotonic() - killed:.1f} s after the kill")
+        wait_until_gone(job_id, 240)
+        print(f"finished {time.monotonic() - killed:.1f} s after the kill")
+    finally:
+        subprocess.run(["scancel", job_id], env=cluster_env(), timeout=30)
+        if killed is not None:
+            script("restore", hosts[2], timeout=120)
+    text = read(log)
+    second = text[text.index("resumed"):]
+    assert hosts[2] not in re.search(r"2 nodes: .*", second)[0]  # the requeued job runs on healthy nodes
+    for rank in reference:
+        assert rank.wait(timeout=240) == 0, rank.stderr.read()[-3000:]
+    assert_same_weights(run_dir, tmp_path / "reference" / "tiny", steps)
