@@ -48,6 +48,42 @@ def hand_over_to_submitit() -> None:
     handler(sig, None)
 
 
+def requeue_after_crash() -> None:
+    """Requeues this job after a crash, as submitit's handler does after a signal, but without its verdict on
+    the time limit: submitit's handler logs "Job has timed out" whenever a job ran past 80% of its limit (or
+    for any limit under 10 minutes) and charges a timeout against slurm.max_num_timeout. A crash is neither;
+    PretrainJob counts crashes against slurm.max_crash_retries itself. Uses submitit's handler object
+    (installed for SUBMITIT_PREEMPT_SIGNAL) for its job, its pickle and its requeue call; falls back to the
+    handler itself where that object is not submitit's."""
+    from submitit.core.job_environment import SignalHandler, _checkpoint
+    from submitit.core.utils import UncompletedJobError
+    handler = signal.getsignal(submitit.JobEnvironment._usr_sig())
+    owner = getattr(handler, "__self__", None)
+    if not isinstance(owner, SignalHandler):
+        hand_over_to_submitit()
+        return
+    delayed = owner._delayed
+    reason = _checkpoint(delayed, owner._job_paths.submitted_pickle, delayed._timeout_countdown)
+    if reason:
+        raise UncompletedJobError(f"Job not requeued after a crash because: {reason}.")
+    print(f"requeueing after a crash, not a timeout ({delayed._timeout_countdown} time-limit requeues left)",
+          flush=True)
+    owner.env._requeue(delayed._timeout_countdown)
+    owner._exit()
+
+
+def incarnation_marker(job_id, restarts: str, requeued_for: tuple[int, str] | None) -> str:
+    """The line that starts each later incarnation of a requeued job in its log (SLURM appends every
+    incarnation to the same files): which start this is and why the one before ended."""
+    if restarts in ("", "0"):
+        return ""
+    if requeued_for is not None and requeued_for[0] == int(restarts) - 1:
+        why = requeued_for[1]
+    else:
+        why = "requeued by SLURM itself: a node failed, or a requeue by hand or by pre-emption"
+    return f"{'=' * 24} job {job_id}, start {int(restarts) + 1} (restart {restarts}): {why} {'=' * 24}"
+
+
 # Signals that ask a job to end, not to come back: scancel and pre-emption without requeue (SIGTERM), Ctrl-C.
 ENDING_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
@@ -72,6 +108,7 @@ class PretrainJob(submitit.helpers.Checkpointable):
     def __init__(self, config_path: str, max_crash_retries: int):
         self.config_path, self.max_crash_retries = config_path, max_crash_retries
         self.crashes = 0
+        self.requeued_for: tuple[int, str] | None = None  # (restart count when requeued, why)
 
     requeue_behaviour = ("on SIGUSR2 (time limit) it saves and requeues the job; on SIGTERM alone it saves and "
                          "fails; after a crash it requeues at most slurm.max_crash_retries times")
@@ -92,6 +129,8 @@ class PretrainJob(submitit.helpers.Checkpointable):
         export_rank_variables(env)
         cfg = load_run_config(os.path.dirname(self.config_path))  # the folder is the run, wherever it now is
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        if marker := incarnation_marker(env.job_id, restarts, getattr(self, "requeued_for", None)):
+            print(marker, flush=True)
         print(f"job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}: pretraining "
               f"{cfg.run_dir} (restart {restarts}, crashes so far {self.crashes})", flush=True)
         try:
@@ -106,12 +145,17 @@ class PretrainJob(submitit.helpers.Checkpointable):
                 log.exception("pretraining crashed")
                 print(f"crash {self.crashes} of at most {self.max_crash_retries} ({type(error).__name__}: {error}); "
                       f"requeueing to resume from the last checkpoint", flush=True)
-                hand_over_to_submitit()
+                self.requeued_for = (int(restarts), f"requeued after crash {self.crashes} of at most "
+                                                    f"{self.max_crash_retries} ({type(error).__name__})")
+                requeue_after_crash()
             raise
         return cfg.run_dir
 
     def checkpoint(self, *args, **kwargs):
         # The trainer has already saved the state; requeue the same job (its crash count included).
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if getattr(self, "requeued_for", None) is None or self.requeued_for[0] != restarts:
+            self.requeued_for = (restarts, "requeued after a stop signal (time limit or pre-emption)")
         return submitit.helpers.DelayedSubmission(self)
 
 

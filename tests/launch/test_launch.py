@@ -292,6 +292,9 @@ def test_a_crashing_job_is_requeued_a_bounded_number_of_times(tmp_path):
     (job_id,) = job_ids(out)
     log = job_log(tmp_path / "tiny", job_id)
     assert log.count("crash 1 of at most 1") == 1 and "crash 2" not in log
+    # A crash is not a timeout: submitit's time-limit budget is left as it was.
+    assert re.search(r"requeueing after a crash, not a timeout \(30 time-limit requeues left\)", log)  # the default
+    assert "Job has timed out" not in log
     assert log.count("pretraining /") == 2  # the first run and one retry
     with open(tmp_path / "tiny" / "submitit" / f"{job_id}_0_log.err") as f:
         errors = f.read()
