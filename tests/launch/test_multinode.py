@@ -142,6 +142,10 @@ def test_a_node_that_drops_off_the_network_leaves_every_surviving_rank_with_the_
         subprocess.run(["scancel", "-w", "node3,node4"], env=cluster_env(), timeout=30)
         if cut is not None:
             script("kill-node", lost_host)
+            # Down, so that the controller forgets the job it could not end there (else the node stays
+            # "completing" for minutes); restore then resumes it.
+            subprocess.run(["scontrol", "update", f"NodeName={lost_host}", "State=DOWN", "Reason=cut by a test"],
+                           env=cluster_env(), timeout=30)
             result = script("restore", lost_host, timeout=120)
             assert result.returncode == 0, result.stdout + result.stderr
 
@@ -197,9 +201,9 @@ def wait_until_gone(job_id: str, timeout_s: float) -> None:
 def test_a_crashed_node_costs_one_checkpoint_interval_and_the_job_ends_with_the_uninterrupted_weights(
         multinode, tmp_path):
     """launch/submit.py --nodes 2, checkpoints every 10 steps. After the first checkpoint every process of
-    rank 1's node is killed (its slurmd too: the node is gone). Rank 0 names rank 1, the job is requeued,
-    resumes from step 10 on healthy nodes, and its final weights equal an uninterrupted 2-rank run's bit for
-    bit."""
+    rank 1's node is killed (its slurmd too: the node is gone). Rank 0 names rank 1, the job is requeued (as a
+    crash, not a timeout), resumes from step 10 on healthy nodes, and its final weights equal an uninterrupted
+    2-rank run's bit for bit."""
     from tests.launch.test_launch import assert_same_weights, job_ids
     steps = 60
     train = ["train.epochs=1000", f"train.max_steps={steps}", "train.log_every_steps=1", "checkpoint.every_steps=10",
@@ -232,6 +236,10 @@ def test_a_crashed_node_costs_one_checkpoint_interval_and_the_job_ends_with_the_
     text = read(log)
     second = text[text.index("resumed"):]
     assert hosts[2] not in re.search(r"2 nodes: .*", second)[0]  # the requeued job runs on healthy nodes
+    # The log says where the second start begins and why, and submitit did not count the crash as a timeout.
+    assert re.search(rf"^=+ job {job_id}, start 2 \(restart 1\): requeued after crash 1 of at most 2 \(RankFailure\)",
+                     text, re.MULTILINE), text[-3000:]
+    assert "Job has timed out" not in text
     for rank in reference:
         assert rank.wait(timeout=240) == 0, rank.stderr.read()[-3000:]
     assert_same_weights(run_dir, tmp_path / "reference" / "tiny", steps)
