@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from sslscale.config import ConfigError
-from sslscale.dist.process_group import DistEnv
 from sslscale.dist.batchnorm import sync_batchnorm
+from sslscale.dist.process_group import DistEnv
 from sslscale.models.backbones import ResNetTrunk
 
 

@@ -14,7 +14,7 @@ from sslscale.checkpoint.store import Checkpointer
 from sslscale.config import ConfigError, load_config
 from sslscale.dist.process_group import DistEnv, DistributedSetupError, first_host, read_env
 from sslscale.train.loop import pretrain
-from tests.conftest import REPO, tiny_overrides, fail_on_our_deprecations
+from tests.conftest import REPO, fail_on_our_deprecations, tiny_overrides
 
 
 def free_port() -> int:
