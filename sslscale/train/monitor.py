@@ -139,8 +139,7 @@ class Monitor:
                        **({"perf/mfu": mfu} if mfu is not None else {}),
                        **self._read_on_host(gauges or {}, reduce=False)}
             for key, value in scalars.items():
-                if self.writer is not None:
-                    self.writer.add_scalar(key, value, done)
+                self._write("add_scalar", key, value, done)
             terms = " ".join(f"{k} {v:.4g}" for k, v in averages.items())
             print(f"step {done}/{self.end_step} epoch {done * self.global_batch / self.samples_per_epoch:.2f} {terms} "
                   f"lr {lr:.3g} img/s {images_per_s:.0f}" + (f" MFU {mfu:.1%}" if mfu is not None else "")
@@ -162,8 +161,7 @@ class Monitor:
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """One more scalar in TensorBoard (rank 0 only)."""
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+        self._write("add_scalar", tag, value, step)
 
     def say(self, line: str) -> None:
         """One console line (rank 0 only)."""
@@ -172,14 +170,26 @@ class Monitor:
 
     def image(self, tag: str, image, step: int) -> None:
         """A uint8 [3, H, W] image in TensorBoard (rank 0 only)."""
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step)
+        self._write("add_image", tag, image, step)
 
     def state_dict(self) -> dict:
         return {"first": self.first, "last": self.last}
 
     def load_state_dict(self, state: dict) -> None:
         self.first, self.last = dict(state["first"]), dict(state["last"])
+
+    def _write(self, method: str, *args) -> None:
+        """One TensorBoard write. Events are a view of the run, not the run: one that cannot be written (a full
+        disk; the writer's thread reports it at the next write) is said in one line and TensorBoard is dropped
+        for the rest of the run, so the run goes on to its next checkpoint, whose save names the problem."""
+        if self.writer is None:
+            return
+        try:
+            getattr(self.writer, method)(*args)
+        except OSError as error:
+            print(f"warning: TensorBoard events could not be written ({error}); the console and console.log go on",
+                  file=self.stream, flush=True)
+            self.writer = None
 
     def close(self) -> None:
         """Flush and close the event file. A failure to write it (a full disk) is said in one line and goes no

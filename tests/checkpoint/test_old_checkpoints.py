@@ -1,5 +1,10 @@
 """Checkpoints written before the package was laid out by concern (commit 1992474, tests/fixtures/) resume with
-today's code and continue exactly as that code continued them: the format did not move with the modules."""
+today's code and continue as that code continued them: the format did not move with the modules.
+
+The one-rank (DDP) continuation is bitwise that code's. The two-rank (FSDP) one runs the cross-rank BatchNorm,
+whose backward has since been written out (sslscale/dist/batchnorm.py: the memory of a plain BatchNorm instead
+of autograd through the statistics); it computes the same gradient with other roundings, so after two more steps
+the weights agree with that code's to rounding (measured below), not bit for bit."""
 import hashlib
 import json
 import os
@@ -49,5 +54,11 @@ def test_a_checkpoint_of_the_flat_layout_resumes_and_continues_bitwise(strategy,
     assert Checkpointer(run_dir, 1).newest_first()[0] == "step_000000004"
     digests = tensor_digests(run_dir)
     assert digests.keys() == expected["digests"].keys()
-    differing = [k for k in digests if digests[k] != expected["digests"][k]]
-    assert not differing, f"{len(differing)} of {len(digests)} tensors differ after resuming, e.g. {differing[:3]}"
+    if strategy == "ddp":
+        differing = [k for k in digests if digests[k] != expected["digests"][k]]
+        assert not differing, f"{len(differing)} of {len(digests)} tensors differ after resuming, e.g. {differing[:3]}"
+        return
+    state, _ = Checkpointer(run_dir, 1).load_latest(model_only=True)
+    theirs = torch.load(os.path.join(FIXTURES, strategy, "expected_step4_model.pt"), weights_only=True)
+    for key, value in theirs.items():
+        torch.testing.assert_close(state["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -43,7 +43,6 @@ def test_pretrain_with_compile_on_a_machine_without_compilers_stops_before_train
     with pytest.raises(ConfigError, match=r"train.compile: torch.compile needs a C\+\+ compiler") as error:
         pretrain(cfg)
     assert len(error.value.problems) == 1
-    ckpt = os.path.join(cfg.run_dir, "ckpt")
-    assert not [name for name in os.listdir(ckpt) if name.startswith("step_")]  # no step was trained
+    assert not os.path.exists(cfg.run_dir)  # refused before its first step: the folder it made is removed
     # The same config without compile trains: the refusal is about the machine, not the config.
     pretrain(tiny_config("train.compile=false", "train.max_steps=2", "run.name=eager"))
