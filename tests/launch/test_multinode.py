@@ -21,9 +21,9 @@ from tests.launch.test_multinode_cluster import (
     HOSTLIST_CASES,
     HOSTLIST_INVALID,
     cluster_env,
+    scontrol_config,
     scontrol_hostnames,
     script,
-    unavailable,
 )
 
 pytestmark = pytest.mark.slow  # SLURM jobs on several nodes
@@ -34,11 +34,7 @@ TIMEOUT_S = 15  # dist.timeout_s of the node-loss runs
 
 
 def test_node_lists_expand_as_scontrol_expands_them(tmp_path):
-    import shutil
-    if shutil.which("scontrol") is None:
-        unavailable("scontrol is not installed (`bash .ci/slurm-multinode install`)")
-    conf = tmp_path / "slurm.conf"
-    conf.write_text("ClusterName=hostlist\nSlurmctldHost=localhost\n")
+    conf = scontrol_config(tmp_path)
     for nodelist, _ in HOSTLIST_CASES:
         result = scontrol_hostnames(nodelist, conf)
         assert result.returncode == 0, (nodelist, result.stderr)

@@ -145,11 +145,17 @@ def scontrol_hostnames(nodelist: str, conf) -> subprocess.CompletedProcess:
                           env={**cluster_env(), "SLURM_CONF": str(conf)})
 
 
-def test_scontrol_expands_node_lists_as_the_hand_written_table_says(tmp_path):
+def scontrol_config(tmp_path):
+    """The two-line config `scontrol show hostnames` needs (no cluster); skips where scontrol is missing."""
     if shutil.which("scontrol") is None:
         unavailable("scontrol is not installed (`bash .ci/slurm-multinode install`)")
     conf = tmp_path / "slurm.conf"
     conf.write_text("ClusterName=hostlist\nSlurmctldHost=localhost\n")
+    return conf
+
+
+def test_scontrol_expands_node_lists_as_the_hand_written_table_says(tmp_path):
+    conf = scontrol_config(tmp_path)
     for nodelist, hosts in HOSTLIST_CASES:
         result = scontrol_hostnames(nodelist, conf)
         assert result.returncode == 0, (nodelist, result.stderr)
